@@ -1,0 +1,35 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set everything up.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SRC    := stream_distill tests benchmarks
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint typecheck unit clean
+
+setup: $(STAMP)
+
+# torch is pinned and installed first: a looser pin would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/stream-distill demo $(DEMO_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check $(SRC)
+	$(VENV)/bin/ruff format --check $(SRC)
+
+typecheck: setup
+	$(VENV)/bin/mypy stream_distill
+
+unit: setup
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) .sd .mypy_cache .ruff_cache .pytest_cache

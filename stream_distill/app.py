@@ -1,0 +1,117 @@
+"""Composition root: builds each role from the settings tree and runs it.
+
+Heavy imports happen inside the role that needs them, so ``serve`` never loads
+torch and ``broker`` loads nothing but the standard library and aiokafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from stream_distill.bus.kafka import KafkaBus
+from stream_distill.config import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+
+def with_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
+    """A copy with dotted keys replaced (``{"kafka.bootstrap_servers": "h:9092"}``); None skips."""
+    data = settings.model_dump()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return Settings.model_validate(data)
+
+
+def make_bus(settings: Settings) -> KafkaBus:
+    return KafkaBus(settings.kafka, settings.kafka.bootstrap_servers or DEFAULT_BOOTSTRAP)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM/SIGINT, so a role finishes its current work and exits."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+@contextlib.contextmanager
+def broker_if_needed(settings: Settings) -> Iterator[Settings]:
+    """Start the embedded broker unless the settings name a real Kafka."""
+    if settings.kafka.bootstrap_servers:
+        yield settings
+        return
+    from stream_distill.bus.broker import EmbeddedBroker
+
+    b = settings.broker
+    with EmbeddedBroker(b.host, b.port, b.startup_timeout_s) as broker:
+        yield with_overrides(settings, {"kafka.bootstrap_servers": broker.bootstrap})
+
+
+# -- serve -----------------------------------------------------------------------------------
+async def run_serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``): then stop taking requests and drain."""
+    from stream_distill.registry.store import Registry
+    from stream_distill.serving.runner import run_serve as serve
+
+    bus = make_bus(settings)
+    await bus.ensure_topics()
+    stop = stop or stop_on_signals()
+    async with serve(Registry(settings.registry.root), settings.serve, bus) as running:
+        log.info("serve listening on %s", running.url)
+        await stop.wait()
+
+
+# -- teacher ---------------------------------------------------------------------------------
+async def run_teacher(settings: Settings, teacher_dir: Path) -> None:
+    from stream_distill.metrics.hooks import Hooks
+    from stream_distill.models.factory import set_threads
+    from stream_distill.teacher.model import TeacherModel
+    from stream_distill.teacher.scorer import TeacherScorer
+
+    set_threads(settings.teacher.threads)
+    model = await asyncio.to_thread(
+        TeacherModel.load, teacher_dir, teacher_id=settings.teacher.teacher_id
+    )
+    bus = make_bus(settings)
+    await bus.ensure_topics()
+    stop = stop_on_signals()
+    await TeacherScorer(bus, model, settings.teacher, Hooks()).run(stop)
+
+
+# -- trainer ---------------------------------------------------------------------------------
+async def run_trainer(settings: Settings, teacher_dir: Path) -> None:
+    from stream_distill.models.factory import set_threads
+    from stream_distill.registry.store import Registry
+    from stream_distill.teacher.model import TeacherModel
+    from stream_distill.trainer.build import learner_from_teacher
+    from stream_distill.trainer.loop import Trainer
+
+    set_threads(settings.trainer.threads)
+    teacher = await asyncio.to_thread(TeacherModel.load, teacher_dir)
+    learner = learner_from_teacher(teacher, settings.model, settings.trainer)
+    bus = make_bus(settings)
+    trainer = Trainer(
+        bus,
+        Registry(settings.registry.root),
+        learner,
+        settings.trainer,
+        teacher.encoder.to_str(),
+    )
+    del teacher  # the trainer needs only the student from here on
+    await trainer.run(stop_on_signals())

@@ -1,0 +1,139 @@
+"""``stream-distill``: one command per role, plus the embedded broker and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from stream_distill.config import Settings
+
+TEACHERS = "teachers"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap-servers", help="a real Kafka (host:port,...); overrides settings")
+    p.add_argument("--registry", type=Path, help="model registry root (shared by all roles)")
+    p.add_argument("--data-dir", type=Path, help="where caches and state live (default .sd)")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="stream-distill", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (memory only)")
+    _common(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9092)
+
+    p = sub.add_parser("serve", help="HTTP classify/feedback API over the ONNX student")
+    _common(p)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+
+    for name, what in (("teacher", "score requests into soft labels"), ("trainer", "distill")):
+        p = sub.add_parser(name, help=what)
+        _common(p)
+        p.add_argument("--teacher-dir", type=Path, required=True, help="a bootstrapped teacher")
+
+    p = sub.add_parser("bootstrap-teacher", help="fine-tune the teacher on labelled data")
+    _common(p)
+    p.add_argument("--data", required=True, help="CSV (text,label), JSONL, or 'synthetic'")
+    p.add_argument("--out", type=Path, help="teacher directory (default <data-dir>/teachers/..)")
+    p.add_argument("--base", default=None, help="HF name or path (default: bundled MiniLM-L6)")
+    p.add_argument("--epochs", type=int, default=2)
+
+    p = sub.add_parser("demo", help="the whole loop on synthetic traffic, in one command")
+    _common(p)
+    p.add_argument("--quick", action="store_true", help="a shorter run (about 3 minutes)")
+    p.add_argument("--report", type=Path, help="write the JSON report here")
+    p.add_argument("--seconds", type=float, help="traffic duration (overrides --quick)")
+    p.add_argument("--rate", type=float, help="classify requests per second")
+    return ap
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    from stream_distill.app import with_overrides
+
+    base = Settings()
+    data_dir = args.data_dir or base.data_dir
+    return with_overrides(
+        base,
+        {
+            "kafka.bootstrap_servers": args.bootstrap_servers,
+            "data_dir": args.data_dir,
+            "registry.root": args.registry or (data_dir / "registry" if args.data_dir else None),
+            "trainer.checkpoint_dir": data_dir / "trainer" if args.data_dir else None,
+            "serve.host": getattr(args, "host", None) if args.cmd == "serve" else None,
+            "serve.port": getattr(args, "port", None) if args.cmd == "serve" else None,
+        },
+    )
+
+
+def _logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("aiokafka", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from stream_distill.bus.broker import EmbeddedBroker
+
+    with EmbeddedBroker(args.host, args.port) as b:
+        print(f"broker ready on {b.bootstrap} (memory only: a restart loses the data)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _bootstrap_teacher(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_distill.teacher.cli import bootstrap_from_args
+
+    out = bootstrap_from_args(
+        args.data, args.out, settings, base=args.base, epochs=args.epochs, quiet=args.quiet
+    )
+    print(out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _logging(args)
+    # Weights come from packages or paths; model loading stays quiet unless asked.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    settings = _settings(args)
+    if args.cmd == "broker":
+        return _broker(args)
+    if args.cmd == "bootstrap-teacher":
+        return _bootstrap_teacher(args, settings)
+    if args.cmd == "demo":
+        from stream_distill.demo.run import run_demo
+
+        return run_demo(settings, args)
+    from stream_distill import app
+
+    if args.cmd == "serve":
+        asyncio.run(app.run_serve(settings))
+    elif args.cmd == "teacher":
+        asyncio.run(app.run_teacher(settings, args.teacher_dir))
+    elif args.cmd == "trainer":
+        asyncio.run(app.run_trainer(settings, args.teacher_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

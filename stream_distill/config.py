@@ -1,0 +1,138 @@
+"""One settings tree, read once by the composition root (``app.py``/``cli.py``).
+
+Environment variables use the prefix ``SD_`` and ``__`` between sections, e.g.
+``SD_KAFKA__BOOTSTRAP_SERVERS=kafka:9092`` or ``SD_SERVE__PORT=8080``. No other
+module reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """How to reach the broker."""
+
+    bootstrap_servers: str | None = Field(
+        default=None, description="host:port list of a real Kafka; None starts the embedded broker."
+    )
+    topic_prefix: str = Field(default="sd.", description="Prefix of every topic name.")
+    partitions: int = Field(default=4, ge=1, description="Partitions of topics created if missing.")
+    replication_factor: int = Field(default=1, ge=1, description="Replication of created topics.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = Field(default=None, description="e.g. PLAIN, SCRAM-SHA-256.")
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    request_timeout_ms: int = Field(default=40000, ge=1000)
+
+
+class BrokerSettings(_Section):
+    """The embedded Kafka-compatible broker (Tansu) for local use."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
+    startup_timeout_s: float = Field(default=20.0, gt=0)
+
+
+class ModelSettings(_Section):
+    """Text formatting and model shapes shared by teacher, student and serve."""
+
+    max_length: int = Field(default=48, ge=8, le=512, description="Student token budget per turn.")
+    teacher: str = Field(
+        default="minilm",
+        description="HF name or path of the teacher; 'minilm' = bundled MiniLM-L6.",
+    )
+    student_layers: tuple[int, ...] = Field(
+        default=(0, 5), description="Teacher layers copied into the student (DistilBERT-style)."
+    )
+    student_fresh_head: bool = Field(
+        default=False, description="Start the student's classifier from noise, not the teacher's."
+    )
+
+
+class ServeSettings(_Section):
+    """The HTTP serving role."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    deadline_ms: float = Field(default=200.0, gt=0, description="Default latency budget.")
+    intra_op_threads: int = Field(default=1, ge=1, description="onnxruntime intra-op threads.")
+    top_k: int = Field(default=3, ge=1)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_text_chars: int = Field(default=2000, ge=1)
+    max_turns: int = Field(default=20, ge=1)
+    event_queue_size: int = Field(default=10000, ge=1, description="Bounded buffer toward Kafka.")
+    feedback_tokens: dict[str, SecretStr] = Field(
+        default_factory=dict, description="principal -> bearer token allowed to post feedback."
+    )
+    admin_token: SecretStr | None = None
+
+
+class TeacherSettings(_Section):
+    """The teacher scorer role."""
+
+    teacher_id: str = "teacher"
+    batch_size: int = Field(default=16, ge=1)
+    batch_wait_ms: float = Field(default=50.0, ge=0)
+    threads: int = Field(default=1, ge=1)
+    emit_attention: bool = True
+    group_id: str = "sd-teacher"
+
+
+class TrainerSettings(_Section):
+    """The continual student trainer role."""
+
+    checkpoint_dir: Path = Path(".sd/trainer")
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=3e-4, gt=0)
+    alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the KD term.")
+    temperature: float = Field(default=2.0, gt=0)
+    publish_every_steps: int = Field(default=50, ge=1)
+    publish_every_s: float = Field(default=60.0, gt=0)
+    min_examples_to_train: int = Field(default=8, ge=1)
+    join_window: int = Field(default=50000, ge=1, description="Requests kept awaiting labels.")
+    threads: int = Field(default=1, ge=1)
+    freeze_word_embeddings: bool = Field(
+        default=True, description="Keep the vocabulary matrix fixed (faster steps, small state)."
+    )
+    holdout_fraction: float = Field(default=0.1, ge=0, lt=1)
+    replay_size: int = Field(default=5000, ge=0, description="Reservoir of past examples.")
+    replay_ratio: float = Field(
+        default=0.5, ge=0, lt=1, description="Share of each batch drawn from the reservoir."
+    )
+    head_lr_multiplier: float = Field(
+        default=3.0, gt=0, description="The classifier head learns this much faster."
+    )
+
+
+class RegistrySettings(_Section):
+    """The versioned model store."""
+
+    root: Path = Path(".sd/registry")
+    keep: int = Field(default=10, ge=1, description="Versions kept on disk.")
+
+
+class Settings(BaseSettings):
+    """The whole tree."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SD_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    data_dir: Path = Field(default=Path(".sd"), description="Where caches and state live.")

@@ -1,0 +1,100 @@
+"""Student → ONNX bytes that serve can load without torch.
+
+The graph takes the three int64 inputs of :class:`~stream_distill.models.text.Batch`
+(dynamic batch and sequence axes) and returns ``logits`` [batch, n_labels].
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from stream_distill.models.text import Batch
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_NAME = "logits"
+OPSET = 17
+
+
+class _LogitsOnly(torch.nn.Module):
+    """Positional inputs and a bare tensor output: what the TorchScript exporter traces cleanly."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        )
+        logits: torch.Tensor = out.logits
+        return logits
+
+
+def _sample_inputs(max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Two rows of different lengths so padding paths are traced, not constant-folded away.
+    width = max(4, min(max_length, 16))
+    ids = torch.full((2, width), 101, dtype=torch.int64)
+    mask = torch.ones((2, width), dtype=torch.int64)
+    mask[1, width // 2 :] = 0
+    types = torch.zeros((2, width), dtype=torch.int64)
+    return ids, mask, types
+
+
+def export_onnx(model: PreTrainedModel, max_length: int) -> bytes:
+    """Serialise ``model`` (switched to eval mode) as a self-contained ONNX model."""
+    model.train(False)
+    wrapper = _LogitsOnly(model).train(False)
+    axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
+    axes[OUTPUT_NAME] = {0: "batch"}
+    with tempfile.TemporaryDirectory(prefix="sd-export-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # The TorchScript exporter is chosen on purpose (fast, no onnxscript optimiser pass);
+            # its deprecation notice and tracer remarks about fixed BERT shapes are noise here.
+            # The graph is checked numerically by onnx_max_abs_diff before it is published.
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message="Exporting aten::index", category=UserWarning)
+            torch.onnx.export(
+                wrapper,
+                _sample_inputs(max_length),
+                str(path),
+                input_names=list(INPUT_NAMES),
+                output_names=[OUTPUT_NAME],
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        return path.read_bytes()
+
+
+def onnx_max_abs_diff(model: PreTrainedModel, onnx_bytes: bytes, batch: Batch) -> float:
+    """Largest |torch − onnxruntime| logit on ``batch``: the check before a version is published."""
+    import onnxruntime as ort
+
+    model.train(False)
+    with torch.no_grad():
+        expected = (
+            _LogitsOnly(model)(
+                torch.from_numpy(batch.input_ids),
+                torch.from_numpy(batch.attention_mask),
+                torch.from_numpy(batch.token_type_ids),
+            )
+            .float()
+            .numpy()
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    (got,) = session.run([OUTPUT_NAME], batch.as_feed())
+    return float(np.max(np.abs(np.asarray(got, dtype=np.float32) - expected)))

@@ -1,0 +1,292 @@
+"""The HTTP face of serve: FastAPI routes, request validation, body limits, uvicorn.
+
+``create_app`` builds the ASGI app from a started-or-not :class:`ServingCore`
+and an optional :class:`FeedbackCollector`; :class:`HttpServer` runs it under
+uvicorn on a socket it binds itself (so ``port=0`` works and the bound port is
+known). :func:`stream_distill.serving.runner.run_serve` composes the whole role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from stream_distill.errors import FeedbackUnavailable, NotReady
+from stream_distill.feedback.collector import FeedbackCollector, FeedbackIn
+from stream_distill.metrics.prometheus import PrometheusHooks
+from stream_distill.serving.schemas import ClassifyIn, Limits
+from stream_distill.serving.service import ClassifyResult, ServingCore
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "1"
+
+
+class BodyLimit:
+    """Refuse bodies over ``max_bytes`` with 413, by Content-Length and by bytes actually read.
+
+    The body is buffered (it is small by construction) and replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit():
+                    await _plain(send, 400, "bad Content-Length")
+                    return
+                if int(value) > self.max_bytes:
+                    await _plain(send, 413, f"body exceeds {self.max_bytes} bytes")
+                    return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await _plain(send, 413, f"body exceeds {self.max_bytes} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _plain(send: Send, status: int, detail: str) -> None:
+    body = JSONResponse({"detail": detail}).body
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+
+
+def _answer(r: ClassifyResult) -> dict[str, Any]:
+    return {
+        "request_id": r.request_id,
+        "intent": r.intent,
+        "confidence": r.confidence,
+        "top": [{"intent": t.intent, "p": t.p} for t in r.top],
+        "model_version": r.model_version,
+        "latency_ms": round(r.latency_ms, 3),
+    }
+
+
+def create_app(
+    core: ServingCore,
+    feedback: FeedbackCollector | None = None,
+    *,
+    metrics: CollectorRegistry | None = None,
+) -> FastAPI:
+    """The serve API over ``core`` (and ``feedback`` when given).
+
+    ``metrics`` is the registry ``GET /metrics`` renders; by default the one of
+    ``core.hooks`` when those are :class:`PrometheusHooks`.
+    """
+    settings = core.settings
+    hooks = core.hooks
+    if metrics is None:
+        metrics = hooks.registry if isinstance(hooks, PrometheusHooks) else CollectorRegistry()
+    limits = Limits(max_text_chars=settings.max_text_chars, max_turns=settings.max_turns)
+    context = {"limits": limits}
+    app = FastAPI(title="stream_distill serve", version="1", docs_url="/docs", redoc_url=None)
+    app.state.core = core
+    app.state.feedback = feedback
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> Response:
+        t0 = time.perf_counter()
+        try:
+            req = ClassifyIn.model_validate_json(await request.body(), context=context)
+        except ValidationError as exc:
+            hooks.on_request("invalid", (time.perf_counter() - t0) * 1e3, core.version)
+            return JSONResponse({"detail": _errors(exc)}, status_code=422)
+        try:
+            result = await core.classify(
+                req.dialogue(), req.conversation_id, deadline_ms=req.deadline_ms
+            )
+        except NotReady as exc:
+            return JSONResponse(
+                {"detail": str(exc)}, status_code=503, headers={"Retry-After": RETRY_AFTER_S}
+            )
+        return JSONResponse(_answer(result))
+
+    if feedback is not None:
+
+        @app.post("/v1/feedback")
+        async def post_feedback(request: Request) -> Response:
+            principal = feedback.authenticate(request.headers.get("authorization"))
+            if principal is None:
+                return JSONResponse(
+                    {"detail": "missing or invalid bearer token"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            try:
+                body = FeedbackIn.model_validate_json(await request.body())
+            except ValidationError as exc:
+                hooks.on_feedback("invalid")
+                return JSONResponse({"detail": _errors(exc)}, status_code=422)
+            try:
+                accepted = await feedback.submit(principal, body)
+            except FeedbackUnavailable as exc:
+                return JSONResponse(
+                    {"detail": str(exc)}, status_code=503, headers={"Retry-After": RETRY_AFTER_S}
+                )
+            return JSONResponse(
+                {"feedback_id": accepted.feedback_id, "duplicate": accepted.duplicate},
+                status_code=202,
+            )
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return JSONResponse({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        ok = core.ready
+        return JSONResponse(
+            {"ready": ok, "model_version": core.version},
+            status_code=200 if ok else 503,
+            headers={} if ok else {"Retry-After": RETRY_AFTER_S},
+        )
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        session = core.session
+        serving = (
+            {"version": session.version, "sha256": session.sha256, "labels": list(session.labels)}
+            if session is not None
+            else None
+        )
+        loaded = [
+            {
+                "version": v.version,
+                "sha256": v.sha256,
+                "loaded_at": v.loaded_at.isoformat(),
+                "load_ms": round(v.load_s * 1e3, 1),
+            }
+            for v in core.verified
+        ]
+        return JSONResponse({"serving": serving, "loaded": loaded, "rejected": core.rejected})
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+class _EmbeddedServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the role that owns this server decides what signals mean
+
+
+class HttpServer:
+    """uvicorn on a socket bound here: ``port=0`` picks a free port, read it from ``.port``."""
+
+    def __init__(
+        self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning"
+    ) -> None:
+        self.app = app
+        self.host = host
+        self.requested_port = port
+        self.log_level = log_level
+        self.port = port
+        self._server: _EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sock: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        # proto=TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto
+        # says TCP, and without it every response waits ~40 ms on a delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.requested_port))
+        sock.setblocking(False)
+        self._sock = sock
+        self.port = int(sock.getsockname()[1])
+        config = uvicorn.Config(
+            self.app,
+            lifespan="off",
+            log_config=None,  # leave the process's logging alone
+            log_level=self.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+        self._server = _EmbeddedServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="sd-http")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # surfaces the startup error
+                raise RuntimeError("HTTP server stopped during startup")
+            await asyncio.sleep(0.005)
+
+    async def aclose(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 10.0)
+            except TimeoutError:
+                self._server.force_exit = True
+                await self._task
+        if self._sock is not None:
+            self._sock.close()
+        self._server = self._task = self._sock = None
+
+    async def __aenter__(self) -> HttpServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def serve_http(app: ASGIApp, host: str, port: int, stop: asyncio.Event) -> None:
+    """Serve ``app`` until ``stop`` is set."""
+    async with HttpServer(app, host, port) as server:
+        log.info("serving HTTP on %s", server.url)
+        await stop.wait()

@@ -1,0 +1,306 @@
+"""The serving core: one current model swapped atomically, answers, request events.
+
+``ServingCore._session`` is the only mutable state a request touches: a request
+reads it once at its start, so it finishes on the model it started with and
+names exactly that version, while a swap simply rebinds the attribute (the old
+session is freed when its last request drops it). Candidates are loaded,
+sha256-checked and verified off the event loop; a failed one never replaces
+the serving model.
+
+Request events go through a bounded queue to a background publisher: when the
+queue is full or the bus fails, the event is dropped and counted, never turned
+into an HTTP error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from stream_distill.bus.base import Bus, Producer, Topics
+from stream_distill.bus.codec import encode, headers_for
+from stream_distill.config import ServeSettings
+from stream_distill.errors import IntegrityError, ModelRejected, NotReady, StreamDistillError
+from stream_distill.events import RequestEvent, TopIntent, Turn, new_id, utc_now
+from stream_distill.metrics.hooks import Hooks
+from stream_distill.registry.store import Registry
+from stream_distill.serving.session import StudentSession
+from stream_distill.serving.watcher import ModelWatcher
+
+log = logging.getLogger(__name__)
+
+KEEP_HISTORY = 100
+"""Swapped-in versions remembered for ``/v1/models``."""
+
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
+
+
+def redact(text: str) -> str:
+    """Mask what must not leave serve: e-mail addresses and card-like digit runs."""
+    return _CARD.sub("[number]", _EMAIL.sub("[email]", text))
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyResult:
+    request_id: str
+    intent: str
+    confidence: float
+    top: tuple[TopIntent, ...]
+    model_version: str
+    latency_ms: float
+    entropy: float
+    margin: float
+    deadline_missed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedVersion:
+    """A version that passed sha256 checks and verification and was swapped in."""
+
+    version: str
+    sha256: str
+    labels: tuple[str, ...]
+    load_s: float
+    loaded_at: datetime = field(default_factory=utc_now)
+
+
+class ServingCore:
+    """Current model, hot swaps, classify, request events. ``start()``/``aclose()``.
+
+    ``bus`` (optional) feeds the model watcher; ``producer`` (optional, owned by the
+    caller) receives request events and dead letters on ``topics`` (default: the bus's).
+    Without a producer no request events are written.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        settings: ServeSettings,
+        hooks: Hooks | None = None,
+        *,
+        bus: Bus | None = None,
+        producer: Producer | None = None,
+        topics: Topics | None = None,
+        poll_interval_s: float = 5.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.hooks = hooks or Hooks()
+        self.bus = bus
+        self.producer = producer
+        self.topics = topics or (bus.topics if bus is not None else Topics())
+        self._clock = clock
+        self._session: StudentSession | None = None
+        self.verified: deque[LoadedVersion] = deque(maxlen=KEEP_HISTORY)
+        self.rejected: dict[str, str] = {}
+        self._load_lock = asyncio.Lock()
+        self._queue: asyncio.Queue[RequestEvent] = asyncio.Queue(settings.event_queue_size)
+        self._publisher: asyncio.Task[None] | None = None
+        self._loaded = asyncio.Event()
+        self.watcher = ModelWatcher(
+            registry,
+            self.load_version,
+            lambda: self.version,
+            lambda v: v in self.rejected,
+            self.hooks,
+            bus=bus,
+            producer=producer,
+            topics=self.topics,
+            poll_interval_s=poll_interval_s,
+        )
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def session(self) -> StudentSession | None:
+        return self._session
+
+    @property
+    def ready(self) -> bool:
+        return self._session is not None
+
+    @property
+    def version(self) -> str | None:
+        s = self._session
+        return s.version if s else None
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._loaded.wait(), timeout_s)
+        return self.ready
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start publishing request events and watching for models (loads run in background)."""
+        if self.producer is not None and self._publisher is None:
+            self._publisher = asyncio.create_task(self._publish_events(), name="sd-events")
+        await self.watcher.start()
+
+    async def aclose(self, drain_timeout_s: float = 5.0) -> None:
+        """Stop watching, give queued events ``drain_timeout_s`` to reach the bus, stop."""
+        await self.watcher.aclose()
+        if self._publisher is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queue.join(), drain_timeout_s)
+            self._publisher.cancel()
+            await asyncio.gather(self._publisher, return_exceptions=True)
+            self._publisher = None
+
+    async def __aenter__(self) -> ServingCore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- models ------------------------------------------------------------------------
+    async def load_version(self, version: str, expected_sha256: str | None = None) -> bool:
+        """Load, verify and swap in ``version``; False (old model keeps serving) if rejected."""
+        async with self._load_lock:
+            current = self._session
+            if current is not None and current.version == version:
+                return True
+            t0 = self._clock()
+            try:
+                session = await asyncio.to_thread(self._build, version, expected_sha256)
+            except Exception as exc:  # no candidate may take the watcher down
+                reason = _reason(exc)
+                self.rejected[version] = reason
+                log.warning(
+                    "model %s rejected, %s keeps serving: %s", version, self.version, reason
+                )
+                self.hooks.on_swap(version, self._clock() - t0, ok=False, reason=reason)
+                return False
+            self._session = session
+            took = self._clock() - t0
+            self.rejected.pop(version, None)
+            self.verified.append(LoadedVersion(version, session.sha256, session.labels, took))
+            log.info("serving model %s (sha256 %s, %.0f ms)", version, session.sha256, took * 1e3)
+            self.hooks.on_swap(version, took, ok=True)
+            self.hooks.on_model_serving(version)
+            self._loaded.set()
+            return True
+
+    def _build(self, version: str, expected_sha256: str | None) -> StudentSession:
+        mv = self.registry.load(version)  # verifies every file against the manifest
+        if expected_sha256 is not None and mv.sha256 != expected_sha256:
+            raise IntegrityError(f"{version}: announced sha256 {expected_sha256} != {mv.sha256}")
+        session = StudentSession.from_version(mv, self.settings)
+        session.verify()
+        return session
+
+    # -- requests ----------------------------------------------------------------------
+    async def classify(
+        self,
+        turns: Sequence[Turn],
+        conversation_id: str | None = None,
+        *,
+        deadline_ms: float | None = None,
+    ) -> ClassifyResult:
+        """Answer one dialogue (current user turn last) with the model serving now."""
+        t0 = self._clock()
+        session = self._session  # the one model this request will use, whatever swaps
+        if session is None:
+            self.hooks.on_request("shed", 0.0, None)
+            raise NotReady("no model loaded yet")
+        try:
+            probs = await asyncio.to_thread(session.predict, [turns])
+        except Exception:
+            self.hooks.on_request("error", (self._clock() - t0) * 1e3, session.version)
+            raise
+        self.hooks.on_batch(1)
+        latency_ms = (self._clock() - t0) * 1e3
+        budget = deadline_ms or self.settings.deadline_ms
+        result = _summarise(probs[0], session, self.settings.top_k, latency_ms, budget)
+        outcome = "deadline" if result.deadline_missed else "ok"
+        self.hooks.on_request(outcome, result.latency_ms, session.version)
+        if self._publisher is not None:
+            self._enqueue(result, turns, conversation_id or result.request_id)
+        return result
+
+    def _enqueue(self, r: ClassifyResult, turns: Sequence[Turn], conversation_id: str) -> None:
+        event = RequestEvent(
+            request_id=r.request_id,
+            conversation_id=conversation_id,
+            turns=tuple(Turn(role=t.role, text=redact(t.text)) for t in turns),
+            served_intent=r.intent,
+            top=r.top,
+            entropy=r.entropy,
+            margin=r.margin,
+            model_version=r.model_version,
+            latency_ms=r.latency_ms,
+        )
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.hooks.on_event_dropped("queue-full")
+
+    async def _publish_events(self) -> None:
+        assert self.producer is not None
+        topic = self.topics.requests
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < 512 and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            results = await asyncio.gather(
+                *(self._send(topic, ev) for ev in batch), return_exceptions=True
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            for _ in failed:
+                self.hooks.on_event_dropped("bus-error")
+            if failed:
+                log.warning("dropped %d request events: %s", len(failed), failed[0])
+            for _ in batch:
+                self._queue.task_done()
+
+    async def _send(self, topic: str, event: RequestEvent) -> None:
+        assert self.producer is not None
+        await self.producer.send(
+            topic, encode(event), key=event.conversation_id.encode(), headers=headers_for(event)
+        )
+
+
+def _summarise(
+    row: np.ndarray, session: StudentSession, top_k: int, latency_ms: float, deadline_ms: float
+) -> ClassifyResult:
+    p = np.clip(row.astype(np.float64), 0.0, 1.0)
+    order = np.argsort(-p, kind="stable")
+    top = tuple(TopIntent(intent=session.labels[i], p=float(p[i])) for i in order[: max(1, top_k)])
+    second = float(p[order[1]]) if len(order) > 1 else 0.0
+    nz = p[p > 0]
+    entropy = max(0.0, float(-(nz * np.log(nz)).sum()))
+    return ClassifyResult(
+        request_id=new_id(),
+        intent=top[0].intent,
+        confidence=top[0].p,
+        top=top,
+        model_version=session.version,
+        latency_ms=latency_ms,
+        entropy=entropy if math.isfinite(entropy) else 0.0,
+        margin=min(1.0, max(0.0, top[0].p - second)),
+        deadline_missed=latency_ms > deadline_ms,
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """``"<kind>: <detail>"``; the kind becomes a metric label."""
+    if isinstance(exc, IntegrityError):
+        kind = "integrity"
+    elif isinstance(exc, ModelRejected):
+        kind = "verify"
+    elif isinstance(exc, StreamDistillError):
+        kind = "registry"
+    else:
+        kind = "error"
+    return f"{kind}: {exc}"

@@ -1,0 +1,145 @@
+"""Keeps a serve replica on the newest good model: models topic first, registry poll as backstop.
+
+The models consumer has no group: every replica self-assigns all partitions from
+the end of the log and hears every announcement. Announcements can still be
+missed (the bus was down, the record predates the assignment), so the registry
+is also polled every few seconds; both paths only ever move *forward* and skip
+versions already rejected by the poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from stream_distill.bus.base import Bus, Producer, Record, Topics, dead_letter
+from stream_distill.bus.codec import decode
+from stream_distill.errors import PoisonRecord
+from stream_distill.events import ModelPublished
+from stream_distill.metrics.hooks import Hooks
+from stream_distill.registry.store import Registry
+
+log = logging.getLogger(__name__)
+
+LoadFn = Callable[[str, str | None], Awaitable[bool]]
+
+
+def version_number(version: str) -> int:
+    """``"v12"`` → 12 (registry versions are ``v<N>``); anything else sorts first."""
+    return int(version[1:]) if version[:1] == "v" and version[1:].isdigit() else -1
+
+
+class ModelWatcher:
+    """Calls ``load(version, expected_sha256)`` for each newer version it learns of."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        load: LoadFn,
+        current: Callable[[], str | None],
+        rejected: Callable[[str], bool],
+        hooks: Hooks,
+        *,
+        bus: Bus | None,
+        producer: Producer | None,
+        topics: Topics,
+        poll_interval_s: float,
+    ) -> None:
+        self.registry = registry
+        self._load = load
+        self._current = current
+        self._rejected = rejected
+        self.hooks = hooks
+        self.bus = bus
+        self.producer = producer
+        self.topics = topics
+        self.poll_interval_s = poll_interval_s
+        # Set once the models consumer holds its position in the log (announcements from
+        # then on are heard), or has given up for now.
+        self.positioned = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def is_newer(self, version: str) -> bool:
+        current = self._current()
+        return current is None or version_number(version) > version_number(current)
+
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        if self.bus is not None:
+            self._tasks.append(asyncio.create_task(self._consume(), name="sd-models-consumer"))
+        else:
+            self.positioned.set()
+        self._tasks.append(asyncio.create_task(self._poll(), name="sd-registry-poll"))
+
+    async def aclose(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def converge(self) -> None:
+        """Load the newest loadable registry version newer than the serving one."""
+        versions = await asyncio.to_thread(self.registry.list_versions)
+        for version in reversed(versions):
+            if not self.is_newer(version):
+                return
+            if not self._rejected(version) and await self._load(version, None):
+                return
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await self.converge()
+            except Exception:
+                log.exception("registry poll failed")
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def _consume(self) -> None:
+        assert self.bus is not None
+        topic = self.topics.models
+        backoff = 0.5
+        while True:
+            consumer = self.bus.consumer([topic], group_id=None, offset_reset="latest")
+            try:
+                with contextlib.suppress(Exception):  # serve may lack the right to create it
+                    await self.bus.ensure_topics([topic])
+                await consumer.start()
+                if not consumer.assignment():
+                    raise RuntimeError(f"topic {topic} has no partitions yet")
+                backoff = 0.5
+                timeout_ms = 200  # a first fetch makes a lazy client resolve "latest" now
+                while True:
+                    records = await consumer.getmany(timeout_ms=timeout_ms)
+                    self.positioned.set()
+                    timeout_ms = 1000
+                    for record in records:
+                        await self._on_record(record)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("models consumer failed (%s); retrying in %.1fs", exc, backoff)
+            finally:
+                with contextlib.suppress(Exception):
+                    await consumer.aclose()
+            self.positioned.set()  # nobody should wait on a broken bus
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def _on_record(self, record: Record) -> None:
+        try:
+            event = decode(ModelPublished, record.value)
+        except PoisonRecord as exc:
+            reason = str(exc)
+            log.warning("poison record %s@%d: %s", record.tp, record.offset, reason)
+            self.hooks.on_dead_letter(record.topic, reason)
+            if self.producer is not None:
+                try:
+                    await dead_letter(self.producer, self.topics.dead_letters, record, reason)
+                except Exception:
+                    log.exception("could not write a dead letter")
+            return
+        if self.is_newer(event.version):
+            await self._load(event.version, event.sha256)

@@ -1,0 +1,196 @@
+"""Join request text, soft labels and hard labels by request id (pure Python, no torch).
+
+Rules:
+* an example is *ready* once its request and at least one label (soft or hard) are
+  here; it is handed out for training once;
+* a hard label that arrives after its example was trained makes the example ready
+  again, now with the label (late feedback is still learned);
+* duplicates are ignored: a request id seen twice, a soft label from the same
+  teacher twice, a feedback id seen before (applied ids are remembered, bounded);
+* a stable slice of request ids (``holdout_fraction``) is never trained on; their
+  hard labels form the held-out set the promotion gate scores on;
+* the state is bounded by ``window`` requests; what falls out is counted.
+
+The whole state round-trips through JSON so the trainer can checkpoint it with
+its offsets (exactly-once learning without broker transactions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from stream_distill.events import HardLabel, RequestEvent, SoftLabel, Turn
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """What the learner trains on."""
+
+    request_id: str
+    turns: tuple[Turn, ...]
+    soft: SoftLabel | None
+    hard: str | None
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: RequestEvent | None = None
+    soft: SoftLabel | None = None
+    hard: HardLabel | None = None
+    trained: bool = False
+    trained_hard: bool = False
+
+
+@dataclass
+class JoinStats:
+    requests: int = 0
+    soft_labels: int = 0
+    hard_labels: int = 0
+    duplicates: int = 0
+    evicted: int = 0
+    evicted_untrained: int = 0
+    late_hard: int = 0
+
+
+@dataclass
+class JoinState:
+    window: int = 50000
+    holdout_fraction: float = 0.1
+    holdout_size: int = 2000
+    applied_ids_size: int = 200000
+    stats: JoinStats = field(default_factory=JoinStats)
+
+    def __post_init__(self) -> None:
+        self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        self._ready: OrderedDict[str, None] = OrderedDict()
+        self._feedback_ids: OrderedDict[str, None] = OrderedDict()
+        self.holdout: deque[tuple[tuple[Turn, ...], str]] = deque(maxlen=self.holdout_size)
+
+    # -- inputs ---------------------------------------------------------------------------
+    def is_holdout(self, request_id: str) -> bool:
+        digest = hashlib.sha256(request_id.encode()).digest()
+        return int.from_bytes(digest[:4], "big") / 2**32 < self.holdout_fraction
+
+    def _slot(self, request_id: str) -> _Pending:
+        slot = self._pending.get(request_id)
+        if slot is None:
+            slot = self._pending[request_id] = _Pending()
+            self._evict()
+        return slot
+
+    def _evict(self) -> None:
+        while len(self._pending) > self.window:
+            rid, old = self._pending.popitem(last=False)
+            self._ready.pop(rid, None)
+            self.stats.evicted += 1
+            if not old.trained:
+                self.stats.evicted_untrained += 1
+
+    def add_request(self, ev: RequestEvent) -> None:
+        slot = self._slot(ev.request_id)
+        if slot.request is not None:
+            self.stats.duplicates += 1
+            return
+        self.stats.requests += 1
+        slot.request = ev
+        self._update(ev.request_id, slot)
+
+    def add_soft(self, ev: SoftLabel) -> None:
+        slot = self._slot(ev.request_id)
+        if slot.soft is not None and slot.soft.teacher_version == ev.teacher_version:
+            self.stats.duplicates += 1
+            return
+        self.stats.soft_labels += 1
+        slot.soft = ev
+        self._update(ev.request_id, slot)
+
+    def add_hard(self, ev: HardLabel) -> bool:
+        """False when this feedback id was applied before."""
+        if ev.feedback_id in self._feedback_ids:
+            self.stats.duplicates += 1
+            return False
+        self._feedback_ids[ev.feedback_id] = None
+        while len(self._feedback_ids) > self.applied_ids_size:
+            self._feedback_ids.popitem(last=False)
+        self.stats.hard_labels += 1
+        slot = self._slot(ev.request_id)
+        if slot.trained and not slot.trained_hard:
+            self.stats.late_hard += 1
+        slot.hard = ev
+        self._update(ev.request_id, slot)
+        return True
+
+    def _update(self, rid: str, slot: _Pending) -> None:
+        if slot.request is None:
+            return
+        if self.is_holdout(rid):
+            if slot.hard is not None and not slot.trained_hard:
+                slot.trained_hard = slot.trained = True  # "used": recorded once
+                self.holdout.append((slot.request.turns, slot.hard.intent))
+            return
+        has_label = slot.soft is not None or slot.hard is not None
+        if has_label and (not slot.trained or (slot.hard is not None and not slot.trained_hard)):
+            self._ready[rid] = None
+
+    # -- outputs --------------------------------------------------------------------------
+    @property
+    def ready_count(self) -> int:
+        return len(self._ready)
+
+    def take_ready(self, n: int) -> list[Example]:
+        out: list[Example] = []
+        while self._ready and len(out) < n:
+            rid, _ = self._ready.popitem(last=False)
+            slot = self._pending[rid]
+            assert slot.request is not None
+            slot.trained = True
+            slot.trained_hard = slot.hard is not None
+            hard = slot.hard.intent if slot.hard is not None else None
+            out.append(Example(rid, slot.request.turns, slot.soft, hard))
+        return out
+
+    def recent_soft(self, n: int) -> list[Example]:
+        """Up to ``n`` of the newest examples with a soft label (for agreement checks)."""
+        out: list[Example] = []
+        for rid in reversed(self._pending):
+            slot = self._pending[rid]
+            if slot.request is not None and slot.soft is not None:
+                out.append(Example(rid, slot.request.turns, slot.soft, None))
+                if len(out) >= n:
+                    break
+        return out
+
+    # -- checkpoint -----------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        def dump(e: RequestEvent | SoftLabel | HardLabel | None) -> Any:
+            return e.model_dump(mode="json") if e is not None else None
+
+        return {
+            "pending": [
+                [rid, dump(p.request), dump(p.soft), dump(p.hard), p.trained, p.trained_hard]
+                for rid, p in self._pending.items()
+            ],
+            "ready": list(self._ready),
+            "feedback_ids": list(self._feedback_ids),
+            "holdout": [[[t.model_dump() for t in turns], y] for turns, y in self.holdout],
+            "stats": vars(self.stats),
+        }
+
+    def load_json(self, data: dict[str, Any]) -> None:
+        self.__post_init__()
+        for rid, req, soft, hard, trained, trained_hard in data["pending"]:
+            self._pending[rid] = _Pending(
+                RequestEvent.model_validate(req) if req else None,
+                SoftLabel.model_validate(soft) if soft else None,
+                HardLabel.model_validate(hard) if hard else None,
+                trained,
+                trained_hard,
+            )
+        self._ready = OrderedDict((rid, None) for rid in data["ready"])
+        self._feedback_ids = OrderedDict((fid, None) for fid in data["feedback_ids"])
+        for turns, y in data["holdout"]:
+            self.holdout.append((tuple(Turn.model_validate(t) for t in turns), y))
+        self.stats = JoinStats(**data["stats"])

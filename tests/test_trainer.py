@@ -1,0 +1,183 @@
+"""The trainer over the in-memory bus: join → learn → checkpoint → publish, and resume."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from stream_distill.bus.base import Topics
+from stream_distill.bus.codec import decode, encode
+from stream_distill.bus.memory import MemoryBus
+from stream_distill.config import ModelSettings, TrainerSettings
+from stream_distill.data.synthetic import INTENTS, labelled_examples
+from stream_distill.events import HardLabel, ModelPublished, RequestEvent, SoftLabel
+from stream_distill.models.factory import default_tokenizer_json, tiny_classifier
+from stream_distill.models.text import TextEncoder
+from stream_distill.registry.store import Registry
+from stream_distill.teacher.model import TeacherModel
+from stream_distill.trainer.build import learner_from_teacher
+from stream_distill.trainer.loop import Trainer
+
+torch.set_num_threads(1)
+LABELS = INTENTS[:6]
+
+
+def _teacher() -> TeacherModel:
+    enc = TextEncoder(Tokenizer.from_str(default_tokenizer_json()), 32)
+    return TeacherModel(tiny_classifier(LABELS, layers=2, hidden=32, heads=2, intermediate=64), enc)
+
+
+def _settings(tmp_path: Path, **kw: object) -> TrainerSettings:
+    base: dict[str, object] = dict(
+        checkpoint_dir=tmp_path / "ckpt",
+        batch_size=8,
+        publish_every_steps=3,
+        publish_every_s=3600,
+        min_examples_to_train=4,
+        lr=1e-3,
+        holdout_fraction=0.0,
+    )
+    base.update(kw)
+    return TrainerSettings.model_validate(base)
+
+
+async def _feed(bus: MemoryBus, teacher: TeacherModel, n: int, seed: int = 0) -> list[str]:
+    examples = [e for e in labelled_examples(n * 3, seed=seed) if e.intent in LABELS][:n]
+    out = teacher.predict([e.turns for e in examples], attention=False)
+    rids = []
+    async with bus.producer() as p:
+        for i, (ex, logits) in enumerate(zip(examples, out.logits, strict=True)):
+            rid = f"r{seed}-{i}"
+            rids.append(rid)
+            req = RequestEvent(
+                request_id=rid,
+                conversation_id=ex.conversation_id,
+                turns=ex.turns,
+                served_intent=LABELS[0],
+                entropy=1.0,
+                margin=0.1,
+                model_version="v1",
+                latency_ms=1.0,
+            )
+            soft = SoftLabel(
+                request_id=rid,
+                teacher_id="t",
+                teacher_version=teacher.version,
+                labels=LABELS,
+                label_set_version=teacher.label_set_version,
+                logits=tuple(float(x) for x in logits),
+            )
+            hard = HardLabel(feedback_id=f"f{rid}", request_id=rid, intent=ex.confirmed_intent)
+            await p.send(bus.topics.requests, encode(req), key=ex.conversation_id.encode())
+            await p.send(bus.topics.soft_labels, encode(soft), key=rid.encode())
+            if i % 2 == 0:
+                await p.send(bus.topics.hard_labels, encode(hard), key=rid.encode())
+    return rids
+
+
+async def _run_until(trainer: Trainer, cond: object, timeout_s: float = 60.0) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(trainer.run(stop))
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not cond() and loop.time() < end:  # type: ignore[operator]
+        await asyncio.sleep(0.05)
+        if task.done():
+            task.result()
+    stop.set()
+    await asyncio.wait_for(task, 30)
+
+
+async def test_trainer_publishes_versions_and_resumes(tmp_path: Path) -> None:
+    bus = MemoryBus(Topics("x."))
+    await bus.ensure_topics()
+    teacher = _teacher()
+    registry = Registry(tmp_path / "reg")
+    settings = _settings(tmp_path)
+    learner = learner_from_teacher(
+        teacher, ModelSettings(max_length=32, student_layers=(0, 1)), settings
+    )
+    trainer = Trainer(bus, registry, learner, settings, teacher.encoder.to_str())
+    await _feed(bus, teacher, 60)
+    await _run_until(trainer, lambda: len(trainer.stats.published) >= 3)
+
+    assert registry.list_versions()[:3] == ["v1", "v2", "v3"]
+    events = [decode(ModelPublished, r.value) for r in bus.records(bus.topics.models)]
+    assert [e.version for e in events][:3] == ["v1", "v2", "v3"]
+    for e in events:
+        mv = registry.load(e.version)
+        assert mv.sha256 == e.sha256 and mv.labels == LABELS
+        assert e.metrics.max_abs_logit_diff is not None and e.metrics.max_abs_logit_diff <= 1e-4
+    assert trainer.join.stats.hard_labels == 30
+    assert np.isfinite(trainer.stats.last_losses["total"])
+
+    # A new trainer process resumes from the checkpoint: same offsets, nothing re-applied.
+    steps, offsets = trainer.learner.steps, dict(trainer.offsets)
+    assert sum(offsets.values()) == 60 + 60 + 30
+    learner2 = learner_from_teacher(
+        teacher, ModelSettings(max_length=32, student_layers=(0, 1)), settings, seed=9
+    )
+    t2 = Trainer(bus, registry, learner2, settings, teacher.encoder.to_str())
+    assert t2.restore()
+    assert t2.learner.steps == steps and t2.offsets == offsets
+    assert t2.join.stats.hard_labels == 30
+    for a, b in zip(learner.model.parameters(), learner2.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # replaying the same hard labels again is de-duplicated by feedback id
+    async with bus.producer() as p:
+        for r in bus.records(bus.topics.hard_labels)[:5]:
+            await p.send(bus.topics.hard_labels, r.value, key=r.key)
+    await _run_until(t2, lambda: t2.offsets != offsets, timeout_s=10)
+    assert t2.join.stats.hard_labels == 30 and t2.join.stats.duplicates >= 5
+
+
+async def test_poison_records_go_to_dead_letters(tmp_path: Path) -> None:
+    bus = MemoryBus(Topics("y."))
+    await bus.ensure_topics()
+    teacher = _teacher()
+    settings = _settings(tmp_path)
+    learner = learner_from_teacher(
+        teacher, ModelSettings(max_length=32, student_layers=(0,)), settings
+    )
+    trainer = Trainer(bus, Registry(tmp_path / "reg"), learner, settings, teacher.encoder.to_str())
+    async with bus.producer() as p:
+        await p.send(bus.topics.requests, b"not json", key=b"k")
+        await p.send(bus.topics.soft_labels, b'{"schema_version": 1, "request_id": "r"}', key=b"k")
+    await _run_until(trainer, lambda: trainer.stats.dead_letters >= 2, timeout_s=20)
+    dlq = bus.records(bus.topics.dead_letters)
+    assert len(dlq) == 2
+    reasons = [dict(r.headers)["sd-error"].decode() for r in dlq]
+    assert reasons[0].startswith("not JSON") and "invalid soft-label" in reasons[1]
+
+
+@pytest.mark.parametrize("fraction", [0.5])
+def test_holdout_is_never_trained(fraction: float) -> None:
+    from stream_distill.trainer.join import JoinState
+
+    js = JoinState(holdout_fraction=fraction)
+    teacher_labels = ("a", "b")
+    for i in range(200):
+        rid = f"r{i}"
+        js.add_request(
+            RequestEvent(
+                request_id=rid,
+                conversation_id="c",
+                turns=({"role": "user", "text": "hi"},),  # type: ignore[arg-type]
+                served_intent="a",
+                entropy=0.0,
+                margin=0.0,
+                model_version="v",
+                latency_ms=0.0,
+            )
+        )
+        js.add_hard(HardLabel(feedback_id=f"f{i}", request_id=rid, intent="b"))
+    trained = {ex.request_id for ex in js.take_ready(1000)}
+    held = len(js.holdout)
+    assert 60 < held < 140 and len(trained) + held == 200
+    assert not any(js.is_holdout(r) for r in trained)
+    assert teacher_labels
