@@ -13,7 +13,15 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 
@@ -95,11 +103,11 @@ class SoftLabel(Event):
         default=None, description="Optional [CLS]→token attention of the last layer, per token."
     )
 
-    @field_validator("logits")
+    @field_validator("logits", "attention")
     @classmethod
-    def _finite(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if not all(math.isfinite(x) for x in v):
-            raise ValueError("logits must be finite")
+    def _finite(cls, v: tuple[float, ...] | None, info: ValidationInfo) -> tuple[float, ...] | None:
+        if v is not None and not all(math.isfinite(x) for x in v):
+            raise ValueError(f"{info.field_name} must be finite")
         return v
 
     @model_validator(mode="after")

@@ -88,6 +88,8 @@ class EmbeddedBroker:
     def start(self) -> Self:
         if self._proc is not None:
             return self
+        if _port_open(self.host, self.port):
+            raise BrokerError(f"{self.bootstrap} is already in use")
         url = f"tcp://{self.host}:{self.port}"
         cmd = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
         log.info("starting embedded broker on %s", self.bootstrap)

@@ -29,16 +29,17 @@ def decode(kind: type[E], value: bytes) -> E:
     """Bytes → event, or :class:`PoisonRecord` with a reason a human can act on."""
     try:
         raw = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting
         raise PoisonRecord(f"not JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise PoisonRecord(f"expected a JSON object, got {type(raw).__name__}")
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # true == 1 in Python
         raise PoisonRecord(f"unsupported schema_version {version!r} (want {SCHEMA_VERSION})")
     try:
         return kind.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise PoisonRecord(f"invalid {kind.kind}: {where}: {first['msg']}") from exc
+        prefix = f"invalid {kind.kind}: {where}: " if where else f"invalid {kind.kind}: "
+        raise PoisonRecord(prefix + first["msg"]) from exc

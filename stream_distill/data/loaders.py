@@ -27,11 +27,12 @@ def load_labelled(path: Path) -> list[Example]:
 
 def _csv(path: Path) -> list[Example]:
     out: list[Example] = []
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets write a BOM
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: CSV needs the columns text,label")
-        for n, row in enumerate(reader, start=2):
+        for row in reader:
+            n = reader.line_num  # physical line: blank lines and quoted newlines count
             text, label = (row["text"] or "").strip(), (row["label"] or "").strip()
             if not text or not label:
                 raise ValueError(f"{path}:{n}: empty text or label")
@@ -49,9 +50,12 @@ def _jsonl(path: Path) -> list[Example]:
                 obj = json.loads(line)
                 if "turns" in obj:
                     turns = tuple(Turn.model_validate(t) for t in obj["turns"])
-                    label = str(obj.get("intent") or obj["label"])
+                    raw_label = obj.get("intent") or obj["label"]
                 else:
-                    turns, label = (Turn(role="user", text=str(obj["text"])),), str(obj["label"])
+                    if obj["text"] is None or not str(obj["text"]).strip():
+                        raise ValueError("empty text")
+                    turns, raw_label = (Turn(role="user", text=str(obj["text"])),), obj["label"]
+                label = "" if raw_label is None else str(raw_label)  # null is no label, not "None"
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path}:{n}: {exc}") from exc
             if not turns or turns[-1].role != "user" or not label:

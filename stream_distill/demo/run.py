@@ -41,7 +41,7 @@ class DemoPlan:
 
 
 def run_demo(settings: Settings, args: argparse.Namespace) -> int:
-    console = Console(quiet=bool(args.quiet))
+    console = Console(quiet=bool(args.quiet), soft_wrap=True)
     plan = DemoPlan.from_args(args)
     return asyncio.run(_demo(settings, plan, console, args.report))
 

@@ -23,11 +23,10 @@ def _fmt(x: float, digits: int = 1) -> str:
 def progress_line(stats: TrafficStats, registry: Registry, elapsed: float, total: float) -> str:
     versions = registry.list_versions()
     return (
-        f"{elapsed:4.0f}/{total:.0f}s  requests {stats.requests} (failed {stats.failed})  "
-        f"p50 {_fmt(stats.percentile(50), 1)} ms  p99 {_fmt(stats.percentile(99), 1)} ms  "
+        f"{elapsed:4.0f}/{total:.0f}s  req {stats.requests} (failed {stats.failed})  "
+        f"p50 {_fmt(stats.percentile(50), 1)}ms p99 {_fmt(stats.percentile(99), 1)}ms  "
         f"online acc {_fmt(stats.window_accuracy(first=False), 3)}  "
-        f"feedback {stats.feedback_sent}  serving {stats.versions[-1] if stats.versions else '-'}"
-        f"  published {len(versions)}"
+        f"serving {stats.versions[-1] if stats.versions else '-'} of {len(versions)}"
     )
 
 

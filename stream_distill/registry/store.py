@@ -32,7 +32,7 @@ MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.json"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
-_VERSION_RE = re.compile(r"^v(\d{1,9})$")
+_VERSION_RE = re.compile(r"^v(\d{1,9})\Z")  # \Z, not $: "$" also matches before a final "\n"
 
 
 def sha256_bytes(data: bytes) -> str:

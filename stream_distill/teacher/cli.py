@@ -33,21 +33,25 @@ def teacher(
     """Fine-tune (or load from cache) with a progress bar unless ``quiet``."""
     if quiet:
         return bootstrap_teacher(examples, out, base=base, max_length=max_length, epochs=epochs)
-    with Progress(
+    bar = Progress(
         TextColumn("[bold]teacher fine-tune"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        transient=False,
-    ) as bar:
-        task = bar.add_task("steps", total=None)
+    )
+    task = bar.add_task("steps", total=None)
 
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+    def progress(done: int, total: int) -> None:
+        if not bar.live.is_started:  # only when training really happens (not on a cache hit)
+            bar.start()
+        bar.update(task, completed=done, total=total)
 
+    try:
         return bootstrap_teacher(
             examples, out, base=base, max_length=max_length, epochs=epochs, progress=progress
         )
+    finally:
+        bar.stop()
 
 
 def bootstrap_from_args(

@@ -94,17 +94,19 @@ class CheckpointStore:
         self.keep = keep
 
     def latest_name(self) -> str | None:
+        """LATEST if it names a complete checkpoint, else the newest complete one on disk."""
         try:
             name = (self.dir / LATEST).read_text().strip()
         except FileNotFoundError:
-            return None
-        return name if (self.dir / name / "state.json").is_file() else None
+            name = ""
+        if name and (self.dir / name / "state.json").is_file():
+            return name
+        complete = sorted(p.name for p in self.dir.glob("ckpt-*") if (p / "state.json").is_file())
+        return complete[-1] if complete else None
 
     def save(self, snap: Snapshot) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
-        prev = self.latest_name()
-        n = int(prev.split("-")[1]) + 1 if prev else 1
-        name = f"ckpt-{n:08d}"
+        name = f"ckpt-{self._next_number():08d}"
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.dir))
         try:
             save_file(
@@ -126,6 +128,12 @@ class CheckpointStore:
         _fsync_dir(self.dir)
         self._prune(name)
         return name
+
+    def _next_number(self) -> int:
+        # Past every ckpt-<n> on disk, not just LATEST: a crash between the rename and the
+        # LATEST update leaves a newer directory that must never be renamed onto.
+        nums = [int(p.name[5:]) for p in self.dir.glob("ckpt-*") if p.name[5:].isdigit()]
+        return max(nums, default=0) + 1
 
     def _prune(self, current: str) -> None:
         ckpts = sorted(p.name for p in self.dir.glob("ckpt-*") if p.is_dir())

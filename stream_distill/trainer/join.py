@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from stream_distill.events import HardLabel, RequestEvent, SoftLabel, Turn
@@ -176,7 +176,7 @@ class JoinState:
             "ready": list(self._ready),
             "feedback_ids": list(self._feedback_ids),
             "holdout": [[[t.model_dump() for t in turns], y] for turns, y in self.holdout],
-            "stats": vars(self.stats),
+            "stats": asdict(self.stats),  # a copy: vars() would alias live counters
         }
 
     def load_json(self, data: dict[str, Any]) -> None:
