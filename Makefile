@@ -2,10 +2,10 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-SRC    := stream_distill tests benchmarks
+SRC    := stream_distill tests benchmarks examples
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck unit clean
+.PHONY: setup tools demo test lint typecheck unit clean
 
 setup: $(STAMP)
 
@@ -15,6 +15,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+# promtool (Debian's `prometheus` package) checks deploy/prometheus in the tests. Installed only
+# when missing; where it cannot be (no root, no apt), those tests skip and say why.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+		apt-get update -qq >/dev/null 2>&1 && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			prometheus >/dev/null 2>&1; \
+	} || echo "promtool not installed (apt-get install prometheus): its tests will skip" >&2
 
 demo: setup
 	$(VENV)/bin/stream-distill demo $(DEMO_ARGS)
@@ -29,7 +38,7 @@ typecheck: setup
 unit: setup
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-test: lint typecheck unit
+test: tools lint typecheck unit
 
 clean:
 	rm -rf $(VENV) .sd .mypy_cache .ruff_cache .pytest_cache

@@ -16,6 +16,7 @@ from typing import Any
 
 from stream_distill.bus.kafka import KafkaBus
 from stream_distill.config import Settings
+from stream_distill.metrics.hooks import Hooks
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,22 @@ async def run_serve(settings: Settings, stop: asyncio.Event | None = None) -> No
         await stop.wait()
 
 
+def role_hooks(metrics_port: int | None) -> Hooks:
+    """Prometheus hooks exported on ``metrics_port`` (no-op hooks when it is None)."""
+    if metrics_port is None:
+        return Hooks()
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from stream_distill.metrics.prometheus import PrometheusHooks
+
+    registry = CollectorRegistry()
+    start_http_server(metrics_port, registry=registry)
+    log.info("metrics on :%d/metrics", metrics_port)
+    return PrometheusHooks(registry)
+
+
 # -- teacher ---------------------------------------------------------------------------------
 async def run_teacher(settings: Settings, teacher_dir: Path) -> None:
-    from stream_distill.metrics.hooks import Hooks
     from stream_distill.models.factory import set_threads
     from stream_distill.teacher.model import TeacherModel
     from stream_distill.teacher.scorer import TeacherScorer
@@ -91,7 +105,8 @@ async def run_teacher(settings: Settings, teacher_dir: Path) -> None:
     bus = make_bus(settings)
     await bus.ensure_topics()
     stop = stop_on_signals()
-    await TeacherScorer(bus, model, settings.teacher, Hooks()).run(stop)
+    hooks = role_hooks(settings.teacher.metrics_port)
+    await TeacherScorer(bus, model, settings.teacher, hooks).run(stop)
 
 
 # -- trainer ---------------------------------------------------------------------------------
@@ -112,6 +127,7 @@ async def run_trainer(settings: Settings, teacher_dir: Path) -> None:
         learner,
         settings.trainer,
         teacher.encoder.to_str(),
+        role_hooks(settings.trainer.metrics_port),
     )
     del teacher  # the trainer needs only the student from here on
     await trainer.run(stop_on_signals())

@@ -56,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, help="write the JSON report here")
     p.add_argument("--seconds", type=float, help="traffic duration (overrides --quick)")
     p.add_argument("--rate", type=float, help="classify requests per second")
+
+    from stream_distill.replay import cli as replay_cli
+
+    p = sub.add_parser("record", help="tap the requests and hard-labels topics into a replay file")
+    _common(p)
+    replay_cli.add_record_arguments(p)
+    p = sub.add_parser("replay", help="send a replay file back to serve (HTTP) or to the topics")
+    _common(p)
+    replay_cli.add_replay_arguments(p)
     return ap
 
 
@@ -124,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from stream_distill.demo.run import run_demo
 
         return run_demo(settings, args)
+    if args.cmd in ("record", "replay"):
+        from stream_distill.replay import cli as replay_cli
+
+        return replay_cli.run(args, settings)
     from stream_distill import app
 
     if args.cmd == "serve":

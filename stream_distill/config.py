@@ -86,12 +86,18 @@ class TeacherSettings(_Section):
     threads: int = Field(default=1, ge=1)
     emit_attention: bool = True
     group_id: str = "sd-teacher"
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Serve /metrics on this port (None: off)."
+    )
 
 
 class TrainerSettings(_Section):
     """The continual student trainer role."""
 
     checkpoint_dir: Path = Path(".sd/trainer")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Serve /metrics on this port (None: off)."
+    )
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=3e-4, gt=0)
     alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the KD term.")

@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from stream_distill.data.dialogue_phrases import ACCEPTS
 from stream_distill.data.synthetic import (
     INTENTS,
     PROMO_INTENTS,
@@ -14,7 +15,7 @@ from stream_distill.data.synthetic import (
     TrafficGenerator,
     labelled_examples,
 )
-from stream_distill.data.templates import ACCEPTS, USER_TEMPLATES
+from stream_distill.data.templates import USER_TEMPLATES
 
 
 def _last_texts(examples: list[LabeledTurn]) -> list[str]:

@@ -181,3 +181,35 @@ def test_holdout_is_never_trained(fraction: float) -> None:
     assert 60 < held < 140 and len(trained) + held == 200
     assert not any(js.is_holdout(r) for r in trained)
     assert teacher_labels
+
+
+async def test_gate_holds_back_a_worse_candidate(tmp_path: Path) -> None:
+    """A candidate scoring below the serving version on held-out labels is not published."""
+    bus = MemoryBus(Topics("g."))
+    await bus.ensure_topics()
+    teacher = _teacher()
+    registry = Registry(tmp_path / "reg")
+    settings = _settings(tmp_path, holdout_fraction=0.5, publish_every_steps=10**6)
+    learner = learner_from_teacher(
+        teacher, ModelSettings(max_length=32, student_layers=(0, 1)), settings
+    )
+    trainer = Trainer(bus, registry, learner, settings, teacher.encoder.to_str())
+    await _feed(bus, teacher, 200)
+    await _run_until(trainer, lambda: len(trainer.join.holdout) >= 30)
+    serving = registry.latest()
+    assert serving is not None
+    holdout = list(trainer.join.holdout)
+    dialogues, intents = [t for t, _ in holdout], [y for _, y in holdout]
+    before = trainer.publisher._published_accuracy(learner, dialogues, intents)
+    # Sabotage the student: every input now maps to the label the held-out set never has.
+    rare = min(LABELS, key=intents.count)
+    head = learner.model.classifier
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([100.0 if y == rare else 0.0 for y in LABELS]))
+    after = learner.accuracy(dialogues, intents)
+    assert before is not None and after < before - 0.02  # the precondition of this test
+    async with bus.producer() as p:
+        accepted = await trainer.publish_now(p)
+    assert not accepted and trainer.stats.rejected == 1
+    assert registry.latest() == serving  # a bad model never replaces a good one

@@ -17,36 +17,40 @@ import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from stream_distill.data.templates import (
+from stream_distill.data.dialogue_phrases import (
     ACCEPTS,
     ACKS,
     AGENT_REPLIES,
-    CITIES,
     CITY_SCOPED,
     CONNECTORS,
-    COUPON_WORDS,
-    CURRENCIES,
     DECLINES,
-    DOMAINS,
-    ETAS,
     FOLLOWUP_PREFIXES,
     GREETINGS,
     INHERIT_CITY,
     INHERIT_GENERIC,
     INHERIT_ORDER,
     INHERIT_PRODUCT,
-    INTENTS,
-    MONTHS,
-    NAMES,
-    ORDER_LETTERS,
     ORDER_SCOPED,
     PIVOTS,
     POLITE_PREFIXES,
     POLITE_SUFFIXES,
     PRODUCT_SCOPED,
+)
+from stream_distill.data.slot_values import (
+    CITIES,
+    COUPON_WORDS,
+    CURRENCIES,
+    DOMAINS,
+    ETAS,
+    MONTHS,
+    NAMES,
+    ORDER_LETTERS,
     PRODUCTS,
-    PROMO_INTENTS,
     RELATIVE_DATES,
+)
+from stream_distill.data.templates import (
+    INTENTS,
+    PROMO_INTENTS,
     USER_TEMPLATES,
 )
 from stream_distill.events import Turn

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from stream_distill.errors import FeedbackUnavailable, NotReady
 from stream_distill.feedback.collector import FeedbackCollector, FeedbackIn
 from stream_distill.metrics.prometheus import PrometheusHooks
+from stream_distill.serving.oip import oip_router
 from stream_distill.serving.schemas import ClassifyIn, Limits
 from stream_distill.serving.service import ClassifyResult, ServingCore
 
@@ -209,6 +210,7 @@ def create_app(
         ]
         return JSONResponse({"serving": serving, "loaded": loaded, "rejected": core.rejected})
 
+    app.include_router(oip_router(core))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
 

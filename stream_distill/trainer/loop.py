@@ -176,7 +176,10 @@ class Trainer:
             self.bus.producer() as producer,
             self.bus.consumer(inputs, group_id=None, assign=self.offsets) as consumer,
         ):
-            if self.publisher.published_version is None and self.registry.latest() is None:
+            # The registry is the truth of what serves (a crash may have hit between a
+            # publish and its checkpoint).
+            self.publisher.published_version = self.registry.latest()
+            if self.publisher.published_version is None:
                 await self.publish_now(producer)  # the first version: serve needs a model
                 await self.checkpoint()
             last_publish, steps_at_publish = time.monotonic(), self.learner.steps

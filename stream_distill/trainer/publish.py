@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -10,8 +9,9 @@ from typing import Any
 
 from stream_distill.bus.base import Producer, Topics
 from stream_distill.bus.codec import encode, headers_for
+from stream_distill.errors import RegistryError
 from stream_distill.events import ModelMetrics, ModelPublished, Turn
-from stream_distill.models.export import export_onnx, onnx_max_abs_diff
+from stream_distill.models.export import export_onnx, onnx_logits, onnx_max_abs_diff
 from stream_distill.registry.store import ModelVersion, Registry
 from stream_distill.trainer.join import JoinState
 from stream_distill.trainer.learner import Learner
@@ -41,7 +41,11 @@ class Candidate:
 
 
 class Publisher:
-    """Keeps a frozen copy of the last published student to compare candidates against."""
+    """Gates candidates against the version serve runs now, read back from the registry.
+
+    The comparison uses the published ONNX itself (sha256-verified), so it holds after a
+    trainer restart and measures exactly what users get.
+    """
 
     def __init__(
         self, registry: Registry, topics: Topics, tokenizer_json: str, margin: float
@@ -50,7 +54,6 @@ class Publisher:
         self.topics = topics
         self.tokenizer_json = tokenizer_json
         self.margin = margin
-        self.published_model: Any = None
         self.published_version: str | None = None
 
     def evaluate(self, learner: Learner, join: JoinState) -> Candidate:
@@ -72,9 +75,9 @@ class Publisher:
         )
         if not diff <= EXPORT_TOLERANCE:
             return Candidate(onnx, metrics, False, f"ONNX differs from torch by {diff:.2e}")
-        if acc is not None and self.published_model is not None:
-            before = _accuracy_of(self.published_model, learner, dialogues, intents)
-            if acc < before - self.margin:
+        if acc is not None and self.published_version is not None:
+            before = self._published_accuracy(learner, dialogues, intents)
+            if before is not None and acc < before - self.margin:
                 return Candidate(
                     onnx, metrics, False, f"held-out accuracy {acc:.3f} < serving {before:.3f}"
                 )
@@ -100,19 +103,27 @@ class Publisher:
         await producer.send(
             self.topics.models, encode(event), key=b"student", headers=headers_for(event)
         )
-        self.published_model = copy.deepcopy(learner.model).eval()
         self.published_version = mv.version
         log.info("published %s %s", mv.version, cand.metrics.model_dump())
         return mv
 
-
-def _accuracy_of(model: Any, learner: Learner, dialogues: list[Any], intents: list[str]) -> float:
-    live = learner.model
-    learner.model = model
-    try:
-        return learner.accuracy(dialogues, intents)
-    finally:
-        learner.model = live
+    def _published_accuracy(
+        self, learner: Learner, dialogues: list[Any], intents: list[str]
+    ) -> float | None:
+        """Held-out accuracy of the serving version (None if it is gone or unreadable)."""
+        assert self.published_version is not None
+        try:
+            mv = self.registry.load(self.published_version)
+        except RegistryError as exc:
+            log.warning("cannot score %s for the gate: %s", self.published_version, exc)
+            return None
+        batches = [
+            learner.encoder.encode(dialogues[i : i + 64]) for i in range(0, len(dialogues), 64)
+        ]
+        pred = onnx_logits(mv.model, batches).argmax(axis=1)
+        return sum(mv.labels[int(p)] == y for p, y in zip(pred, intents, strict=True)) / len(
+            intents
+        )
 
 
 def _teacher_agreement(learner: Learner, join: JoinState) -> float | None:
