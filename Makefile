@@ -16,14 +16,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# promtool (Debian's `prometheus` package) checks deploy/prometheus in the tests. Installed only
-# when missing; where it cannot be (no root, no apt), those tests skip and say why.
+# promtool (Debian's `prometheus` package) checks deploy/prometheus in the tests, and headless
+# chromium loads /dashboard. Installed only when missing; where they cannot be (no root, no apt),
+# those tests skip and say why (under CI=true the dashboard test fails instead).
 tools:
 	@command -v promtool >/dev/null 2>&1 || { \
 		apt-get update -qq >/dev/null 2>&1 && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			prometheus >/dev/null 2>&1; \
 	} || echo "promtool not installed (apt-get install prometheus): its tests will skip" >&2
+	@test -x /usr/bin/chromium || { \
+		apt-get update -qq >/dev/null 2>&1 && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium >/dev/null 2>&1; \
+	} || echo "chromium not installed (apt-get install chromium): the dashboard test will skip" >&2
 
 demo: setup
 	$(VENV)/bin/stream-distill demo $(DEMO_ARGS)

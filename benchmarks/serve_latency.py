@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from rich.progress import Progress
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -50,7 +51,9 @@ def _pct(xs: list[float], q: float) -> float:
     return round(float(np.percentile(xs, q)), 3)
 
 
-async def _http(root: Path, n: int, texts: list[list[dict[str, str]]]) -> tuple[list[float], int]:
+async def _http(
+    root: Path, n: int, texts: list[list[dict[str, str]]], progress: Progress
+) -> tuple[list[float], int]:
     from stream_distill.bus.base import Topics
     from stream_distill.bus.memory import MemoryBus
     from stream_distill.config import ServeSettings
@@ -65,7 +68,9 @@ async def _http(root: Path, n: int, texts: list[list[dict[str, str]]]) -> tuple[
         httpx.AsyncClient(base_url=serve.url) as client,
     ):
         await serve.core.wait_ready(30)
+        task = progress.add_task("HTTP classify", total=n)
         for i in range(n):
+            progress.advance(task)
             body = {"conversation_id": f"c{i}", "turns": texts[i % len(texts)]}
             t0 = time.perf_counter()
             r = await client.post("/v1/classify", json=body)
@@ -79,24 +84,28 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress, JSON only")
     args = ap.parse_args()
+    progress = Progress(disable=args.quiet, transient=True)
 
     from stream_distill.config import ServeSettings
     from stream_distill.data.synthetic import labelled_examples
     from stream_distill.serving.session import StudentSession
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, progress:
         root = Path(tmp) / "registry"
+        if not args.quiet:
+            progress.console.print("building and exporting the student ...")
         mv = _student_version(root, args.max_length)
         session = StudentSession.from_version(mv, ServeSettings())
         examples = labelled_examples(500, seed=3)
         onnx_lat = []
-        for ex in examples * 4:
+        for ex in progress.track(examples * 4, description="ONNX session"):
             t0 = time.perf_counter()
             session.predict([ex.turns])
             onnx_lat.append((time.perf_counter() - t0) * 1000)
         turns = [[t.model_dump() for t in ex.turns] for ex in examples]
-        http_lat, failed = asyncio.run(_http(root, args.requests, turns))
+        http_lat, failed = asyncio.run(_http(root, args.requests, turns, progress))
     result = {
         "onnx_p50_ms": _pct(onnx_lat, 50),
         "onnx_p99_ms": _pct(onnx_lat, 99),

@@ -67,15 +67,21 @@ def broker_if_needed(settings: Settings) -> Iterator[Settings]:
 # -- serve -----------------------------------------------------------------------------------
 async def run_serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``): then stop taking requests and drain."""
-    from stream_distill.registry.store import Registry
+    from stream_distill.registry import open_registry
     from stream_distill.serving.runner import run_serve as serve
 
     bus = make_bus(settings)
     await bus.ensure_topics()
     stop = stop or stop_on_signals()
-    async with serve(Registry(settings.registry.root), settings.serve, bus) as running:
+    async with serve(open_registry(settings.registry), settings.serve, bus) as running:
         log.info("serve listening on %s", running.url)
         await stop.wait()
+        # Drain: load balancers see "not ready" at once while requests in flight (and
+        # those already routed here) are still answered; then HTTP stops gracefully and
+        # queued request events are flushed to the bus on the way out.
+        running.core.begin_drain()
+        log.info("draining for %.1fs", settings.serve.drain_grace_s)
+        await asyncio.sleep(settings.serve.drain_grace_s)
 
 
 def role_hooks(metrics_port: int | None) -> Hooks:
@@ -112,7 +118,7 @@ async def run_teacher(settings: Settings, teacher_dir: Path) -> None:
 # -- trainer ---------------------------------------------------------------------------------
 async def run_trainer(settings: Settings, teacher_dir: Path) -> None:
     from stream_distill.models.factory import set_threads
-    from stream_distill.registry.store import Registry
+    from stream_distill.registry import open_registry
     from stream_distill.teacher.model import TeacherModel
     from stream_distill.trainer.build import learner_from_teacher
     from stream_distill.trainer.loop import Trainer
@@ -123,7 +129,7 @@ async def run_trainer(settings: Settings, teacher_dir: Path) -> None:
     bus = make_bus(settings)
     trainer = Trainer(
         bus,
-        Registry(settings.registry.root),
+        open_registry(settings.registry),
         learner,
         settings.trainer,
         teacher.encoder.to_str(),

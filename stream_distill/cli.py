@@ -18,7 +18,7 @@ TEACHERS = "teachers"
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap-servers", help="a real Kafka (host:port,...); overrides settings")
-    p.add_argument("--registry", type=Path, help="model registry root (shared by all roles)")
+    p.add_argument("--registry", help="model registry: a directory or s3://bucket/prefix")
     p.add_argument("--data-dir", type=Path, help="where caches and state live (default .sd)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -73,12 +73,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 
     base = Settings()
     data_dir = args.data_dir or base.data_dir
+    # --data-dir moves a local registry along with it, never an S3 one set in the env.
+    local_registry = args.data_dir and not base.registry.root.startswith("s3://")
     return with_overrides(
         base,
         {
             "kafka.bootstrap_servers": args.bootstrap_servers,
             "data_dir": args.data_dir,
-            "registry.root": args.registry or (data_dir / "registry" if args.data_dir else None),
+            "registry.root": args.registry or (data_dir / "registry" if local_registry else None),
             "trainer.checkpoint_dir": data_dir / "trainer" if args.data_dir else None,
             "serve.host": getattr(args, "host", None) if args.cmd == "serve" else None,
             "serve.port": getattr(args, "port", None) if args.cmd == "serve" else None,

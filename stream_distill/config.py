@@ -7,10 +7,11 @@ module reads ``os.environ``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -66,6 +67,37 @@ class ServeSettings(_Section):
     port: int = Field(default=8000, ge=0, le=65535)
     deadline_ms: float = Field(default=200.0, gt=0, description="Default latency budget.")
     intra_op_threads: int = Field(default=1, ge=1, description="onnxruntime intra-op threads.")
+    intra_op_spinning: bool = Field(
+        default=False,
+        description="Let idle onnxruntime threads spin (lower latency, a busy core each).",
+    )
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        default="all", description="onnxruntime graph optimisation level."
+    )
+    batch_max_size: int = Field(default=8, ge=1, description="Requests batched together at most.")
+    batch_max_wait_us: int = Field(
+        default=0,
+        ge=0,
+        description="How long a batch waits for company; 0 batches only what already queued.",
+    )
+    queue_max: int = Field(
+        default=256, ge=1, description="Requests waiting for the model; beyond it, 429."
+    )
+    deadline_policy: Literal["reject", "late_ok"] = Field(
+        default="reject",
+        description="A request that cannot meet its deadline: 503 at once, or a late answer.",
+    )
+    redact_emails: bool = Field(default=True, description="Mask e-mail addresses in events.")
+    redact_phones: bool = Field(default=True, description="Mask phone numbers in events.")
+    redact_cards: bool = Field(default=True, description="Mask card-like digit runs in events.")
+    redact_order_ids: tuple[str, ...] = Field(
+        default=(),
+        description=r"Regexes of order ids masked as [order] in events, e.g. '#?[A-Z]\d{5}'.",
+    )
+    redact_patterns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Further masks: name -> regex; a match becomes [name] in events.",
+    )
     top_k: int = Field(default=3, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     max_text_chars: int = Field(default=2000, ge=1)
@@ -75,6 +107,18 @@ class ServeSettings(_Section):
         default_factory=dict, description="principal -> bearer token allowed to post feedback."
     )
     admin_token: SecretStr | None = None
+    drain_grace_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="On SIGTERM: report not ready, keep answering this long, then finish and exit.",
+    )
+    dashboard_sources: list[str] = Field(
+        default_factory=list,
+        description="Other roles' /metrics URLs (trainer, teacher) that /v1/stats folds in.",
+    )
+    dashboard_source_timeout_s: float = Field(
+        default=1.0, gt=0, le=10, description="Per-source fetch timeout of /v1/stats."
+    )
 
 
 class TeacherSettings(_Section):
@@ -102,6 +146,22 @@ class TrainerSettings(_Section):
     lr: float = Field(default=3e-4, gt=0)
     alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the KD term.")
     temperature: float = Field(default=2.0, gt=0)
+    strategy: Literal["online", "hard_only", "self"] = Field(
+        default="online",
+        description=(
+            "online: teacher soft labels + hard labels; hard_only: no teacher; self: an EMA of"
+            " the student is the teacher (online falls back to it while no soft labels arrive)."
+        ),
+    )
+    ema_decay: float = Field(default=0.99, gt=0, lt=1, description="EMA teacher decay.")
+    self_fallback_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="online: use the EMA teacher after this long without soft labels.",
+    )
+    attention_weight: float = Field(
+        default=0.1, ge=0, description="Weight of the [CLS] attention alignment term."
+    )
     publish_every_steps: int = Field(default=50, ge=1)
     publish_every_s: float = Field(default=60.0, gt=0)
     min_examples_to_train: int = Field(default=8, ge=1)
@@ -123,8 +183,25 @@ class TrainerSettings(_Section):
 class RegistrySettings(_Section):
     """The versioned model store."""
 
-    root: Path = Path(".sd/registry")
-    keep: int = Field(default=10, ge=1, description="Versions kept on disk.")
+    root: str = Field(
+        default=".sd/registry",
+        description="A directory (local or a shared volume), or s3://bucket/prefix.",
+    )
+    keep: int = Field(default=10, ge=1, description="Versions kept in the store.")
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, Ceph...); None: AWS."
+    )
+    s3_region: str | None = Field(default=None, description="None: boto3's default chain.")
+    s3_access_key_id: str | None = Field(
+        default=None, description="None: boto3's chain (AWS_* env, profile, IAM role)."
+    )
+    s3_secret_access_key: SecretStr | None = None
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _path_to_str(cls, value: object) -> object:
+        # A str, not a Path: Path folds the "//" of s3:// URIs. Overrides still pass Paths.
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 class Settings(BaseSettings):

@@ -10,6 +10,8 @@
     │   └── IntegrityError     a file's sha256 differs from its manifest
     ├── ModelRejected          a candidate model failed verification and was not loaded
     ├── NotReady               serve has no model loaded yet (HTTP 503)
+    ├── DeadlineExceeded       a classify request cannot meet its deadline (HTTP 503)
+    ├── Overloaded             serve's request queue is full (HTTP 429)
     └── FeedbackUnavailable    the broker did not acknowledge a label (HTTP 503)
 """
 
@@ -46,6 +48,22 @@ class ModelRejected(StreamDistillError):
 
 class NotReady(StreamDistillError):
     """No model is loaded yet: the caller should retry shortly."""
+
+
+class DeadlineExceeded(StreamDistillError):
+    """The request cannot be answered within its budget; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Overloaded(StreamDistillError):
+    """Too many requests wait already; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class FeedbackUnavailable(StreamDistillError):

@@ -107,3 +107,15 @@ async def test_dead_letter_carries_origin(bus: Bus) -> None:
     assert h["sd-original-topic"] == bus.topics.requests.encode()
     assert h["sd-original-partition"] == b"2" and h["sd-original-offset"] == b"41"
     assert h["sd-error"] == b"not JSON"
+
+
+async def test_end_offsets_measure_lag(bus: Bus) -> None:
+    topic = bus.topics.feedback_raw
+    async with bus.producer() as p:
+        for i in range(5):
+            await p.send(topic, f"{i}".encode(), key=b"one-key")
+    async with bus.consumer([topic]) as c:
+        recs = await _drain(c, 5)
+        tp = recs[0].tp
+        ends = await c.end_offsets([tp])
+    assert ends == {tp: 5}

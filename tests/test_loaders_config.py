@@ -268,13 +268,13 @@ def test_dotted_overrides() -> None:
             "kafka.bootstrap_servers": "h:9092",
             "serve.port": "9001",  # validated and coerced like any input
             "trainer.lr": 0.01,
-            "data_dir": "/tmp/sd",
+            "data_dir": "/srv/sd",
         },
     )
     assert s.kafka.bootstrap_servers == "h:9092"
     assert s.serve.port == 9001
     assert s.trainer.lr == 0.01
-    assert s.data_dir == Path("/tmp/sd")
+    assert s.data_dir == Path("/srv/sd")
     assert base.kafka.bootstrap_servers is None and base.serve.port == 8000  # a copy
     assert s.model_dump(exclude={"kafka", "serve", "trainer", "data_dir"}) == base.model_dump(
         exclude={"kafka", "serve", "trainer", "data_dir"}

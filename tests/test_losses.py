@@ -58,3 +58,29 @@ def test_hard_ce_golden_and_ignore() -> None:
 def test_combined_weights() -> None:
     kd, ce = torch.tensor(2.0), torch.tensor(4.0)
     assert combined(kd, ce, 0.25).item() == pytest.approx(0.25 * 2 + 0.75 * 4)
+
+
+def test_attention_alignment_golden_value() -> None:
+    from stream_distill.trainer.losses import attention_alignment
+
+    student = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    # row 0: compared on 3 tokens; row 1: teacher too short (2 < 3) → skipped
+    teacher = [torch.tensor([0.2, 0.4, 0.4, 0.0]), torch.tensor([0.5, 0.5])]
+    got = attention_alignment(student, teacher, [3, 3]).item()
+    p, q = [0.2, 0.4, 0.4], [0.5, 0.25, 0.25]
+    golden = sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
+    assert got == pytest.approx(golden, rel=1e-5)
+    assert golden == pytest.approx(0.192745, abs=1e-5)  # pinned
+    # renormalisation: a teacher vector scaled by any constant gives the same loss
+    scaled = [teacher[0] * 3.0, teacher[1]]
+    assert attention_alignment(student, scaled, [3, 3]).item() == pytest.approx(got, rel=1e-5)
+
+
+def test_attention_alignment_zero_when_equal_or_no_rows() -> None:
+    from stream_distill.trainer.losses import attention_alignment
+
+    s = torch.tensor([[0.6, 0.3, 0.1]])
+    assert attention_alignment(s, [torch.tensor([0.6, 0.3, 0.1])], [3]).item() == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert attention_alignment(s, [torch.tensor([1.0])], [3]).item() == 0.0

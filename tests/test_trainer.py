@@ -20,6 +20,7 @@ from stream_distill.models.factory import default_tokenizer_json, tiny_classifie
 from stream_distill.models.text import TextEncoder
 from stream_distill.registry.store import Registry
 from stream_distill.teacher.model import TeacherModel
+from stream_distill.testing import RecordingHooks
 from stream_distill.trainer.build import learner_from_teacher
 from stream_distill.trainer.loop import Trainer
 
@@ -72,7 +73,9 @@ async def _feed(bus: MemoryBus, teacher: TeacherModel, n: int, seed: int = 0) ->
                 label_set_version=teacher.label_set_version,
                 logits=tuple(float(x) for x in logits),
             )
-            hard = HardLabel(feedback_id=f"f{rid}", request_id=rid, intent=ex.confirmed_intent)
+            # a wrong confirmation may name an intent outside LABELS: keep the label space fixed
+            label = ex.confirmed_intent if ex.confirmed_intent in LABELS else ex.intent
+            hard = HardLabel(feedback_id=f"f{rid}", request_id=rid, intent=label)
             await p.send(bus.topics.requests, encode(req), key=ex.conversation_id.encode())
             await p.send(bus.topics.soft_labels, encode(soft), key=rid.encode())
             if i % 2 == 0:
@@ -102,9 +105,13 @@ async def test_trainer_publishes_versions_and_resumes(tmp_path: Path) -> None:
     learner = learner_from_teacher(
         teacher, ModelSettings(max_length=32, student_layers=(0, 1)), settings
     )
-    trainer = Trainer(bus, registry, learner, settings, teacher.encoder.to_str())
+    hooks = RecordingHooks()
+    trainer = Trainer(bus, registry, learner, settings, teacher.encoder.to_str(), hooks)
     await _feed(bus, teacher, 60)
     await _run_until(trainer, lambda: len(trainer.stats.published) >= 3)
+    lags = hooks.named("on_consumer_lag")
+    assert lags and lags[0] == ("trainer", 150)  # reported before the first fetch: all of it
+    assert {name for name, _ in hooks.calls} >= {"on_train_step", "on_publish"}
 
     assert registry.list_versions()[:3] == ["v1", "v2", "v3"]
     events = [decode(ModelPublished, r.value) for r in bus.records(bus.topics.models)]
@@ -213,3 +220,151 @@ async def test_gate_holds_back_a_worse_candidate(tmp_path: Path) -> None:
         accepted = await trainer.publish_now(p)
     assert not accepted and trainer.stats.rejected == 1
     assert registry.latest() == serving  # a bad model never replaces a good one
+
+
+def test_attention_alignment_reaches_the_student(tmp_path: Path) -> None:
+    """Soft labels carrying the teacher's attention add a non-zero, trainable alignment term."""
+    from stream_distill.trainer.join import Example
+    from stream_distill.trainer.learner import to_torch
+
+    teacher = _teacher()
+    settings = _settings(tmp_path, attention_weight=10.0)
+    learner = learner_from_teacher(
+        teacher, ModelSettings(max_length=32, student_layers=(0,)), settings
+    )
+    data = [e for e in labelled_examples(40, seed=3) if e.intent in LABELS][:8]
+    out = teacher.predict([e.turns for e in data], attention=True)
+    examples = [
+        Example(
+            f"r{i}",
+            e.turns,
+            SoftLabel(
+                request_id=f"r{i}",
+                teacher_id="t",
+                teacher_version="v",
+                labels=LABELS,
+                label_set_version="x",
+                logits=tuple(float(x) for x in out.logits[i]),
+                # a sharp target (most mass on the first word) the student must learn
+                attention=tuple(
+                    0.9 if j == 1 else 0.1 / (len(out.attention[i]) - 1)
+                    for j in range(len(out.attention[i]))
+                ),
+            ),
+            None,
+        )
+        for i, e in enumerate(data)
+    ]
+
+    def gap() -> float:  # measured without dropout
+        learner.model.eval()
+        batch = learner.encoder.encode([ex.turns for ex in examples])
+        with torch.no_grad():
+            out = learner.model(**to_torch(batch), output_attentions=True)
+        return float(learner._attention_loss(out, batch, examples))
+
+    before = gap()
+    assert before > 0.0 and learner.learn_many(examples)["attention"] > 0.0
+    for _ in range(30):
+        learner.learn_many(examples)
+    assert gap() < 0.5 * before  # the student's [CLS] attention moved toward the teacher's
+    no_att = [
+        Example(ex.request_id, ex.turns, ex.soft.model_copy(update={"attention": None}), None)
+        for ex in examples
+    ]  # type: ignore[union-attr]
+    assert learner.learn_many(no_att)["attention"] == 0.0
+
+
+@pytest.mark.parametrize("strategy", ["online", "hard_only", "self"])
+async def test_strategies_on_the_same_stream(tmp_path: Path, strategy: str) -> None:
+    bus = MemoryBus(Topics(f"s{strategy}."))
+    await bus.ensure_topics()
+    teacher = _teacher()
+    settings = _settings(tmp_path, strategy=strategy, publish_every_steps=10**6)
+    learner = learner_from_teacher(
+        teacher, ModelSettings(max_length=32, student_layers=(0,)), settings
+    )
+    trainer = Trainer(bus, Registry(tmp_path / "reg"), learner, settings, teacher.encoder.to_str())
+    await _feed(bus, teacher, 48)
+    await _run_until(trainer, lambda: trainer.stats.steps >= 3)
+    js = trainer.join.stats
+    last = trainer.stats.last_losses
+    if strategy == "online":
+        assert js.soft_labels == 48 and last["kd"] > 0.0
+    elif strategy == "hard_only":
+        # soft labels are validated but never joined: only hard-labelled examples train
+        assert js.soft_labels == 0 and last["kd"] == 0.0 and last["ce"] > 0.0
+        assert js.hard_labels == 24 and trainer.replay.items
+        assert all(ex.hard is not None and ex.soft is None for ex in trainer.replay.items)
+    else:
+        assert js.soft_labels == 0 and learner.ema is not None and last["kd"] >= 0.0
+        # the EMA teacher travels in the checkpoint
+        await trainer.checkpoint()
+        again = learner_from_teacher(
+            teacher, ModelSettings(max_length=32, student_layers=(0,)), settings
+        )
+        t2 = Trainer(bus, Registry(tmp_path / "reg"), again, settings, teacher.encoder.to_str())
+        assert t2.restore() and again.ema is not None
+        for a, b in zip(learner.ema.parameters(), again.ema.parameters(), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_online_falls_back_to_the_ema_teacher_without_soft_labels(tmp_path: Path) -> None:
+    from stream_distill.trainer.join import Example
+
+    teacher = _teacher()
+    learner = learner_from_teacher(
+        teacher, ModelSettings(max_length=32, student_layers=(0,)), _settings(tmp_path)
+    )
+    data = [e for e in labelled_examples(30, seed=4) if e.intent in LABELS][:8]
+    examples = [Example(f"r{i}", e.turns, None, None) for i, e in enumerate(data)]
+    assert learner.learn_many(examples)["total"] == 0.0  # nothing to learn from
+    assert learner.ema is None
+    out = learner.learn_many(examples, self_targets=True)
+    assert learner.ema is not None and out["kd"] >= 0.0 and out["ce"] == 0.0
+
+
+async def test_a_new_intent_grows_the_label_space(tmp_path: Path) -> None:
+    """A hard label naming an unknown intent extends the head; old rows are untouched."""
+    from stream_distill.data.synthetic import PROMO_INTENTS
+
+    bus = MemoryBus(Topics("n."))
+    await bus.ensure_topics()
+    teacher = _teacher()
+    registry = Registry(tmp_path / "reg")
+    settings = _settings(tmp_path, publish_every_steps=2)
+    learner = learner_from_teacher(
+        teacher, ModelSettings(max_length=32, student_layers=(0,)), settings
+    )
+    old_head = learner.model.classifier.weight.detach().clone()
+    trainer = Trainer(bus, registry, learner, settings, teacher.encoder.to_str())
+    await _feed(bus, teacher, 24)
+    promo = PROMO_INTENTS[0]
+    promo_turns = [e for e in labelled_examples(60, seed=8, intents=PROMO_INTENTS)][:8]
+    async with bus.producer() as p:
+        for i, ex in enumerate(promo_turns):
+            rid = f"promo-{i}"
+            req = RequestEvent(
+                request_id=rid, conversation_id=ex.conversation_id, turns=ex.turns,
+                served_intent=LABELS[0], entropy=1.0, margin=0.1, model_version="v1",
+                latency_ms=1.0,
+            )  # fmt: skip
+            await p.send(bus.topics.requests, encode(req), key=b"c")
+            hard = HardLabel(feedback_id=f"fp{i}", request_id=rid, intent=ex.intent)
+            await p.send(bus.topics.hard_labels, encode(hard), key=b"c")
+    await _run_until(trainer, lambda: promo in learner.labels and len(trainer.stats.published) >= 2)
+    assert learner.labels[: len(LABELS)] == LABELS and promo in learner.labels
+    # the rows of the old labels kept their weights at the moment of growth, then trained on
+    assert learner.model.classifier.weight.shape[0] == len(learner.labels)
+    assert old_head.shape[0] == len(LABELS)
+    latest = registry.load(registry.latest() or "")
+    assert promo in latest.labels  # the published model's label list grew; serve reads it
+    # KD still applies to rows whose teacher knows only the old labels (masked columns)
+    assert trainer.stats.last_losses["kd"] > 0.0 or trainer.stats.last_losses["ce"] > 0.0
+    # and a restart rebuilds the grown head from the checkpoint
+    await trainer.checkpoint()
+    again = learner_from_teacher(
+        teacher, ModelSettings(max_length=32, student_layers=(0,)), settings
+    )
+    t2 = Trainer(bus, registry, again, settings, teacher.encoder.to_str())
+    assert t2.restore() and again.labels == learner.labels

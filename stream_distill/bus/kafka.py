@@ -148,6 +148,12 @@ class KafkaConsumer:
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(t.topic, t.partition) for t in self._c.assignment()}
 
+    async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        if not tps:
+            return {}
+        ends = await self._c.end_offsets([_tp(t) for t in tps])
+        return {TopicPartition(k.topic, k.partition): int(v) for k, v in ends.items()}
+
     def pause(self, *tps: TopicPartition) -> None:
         self._c.pause(*(_tp(t) for t in tps))
 

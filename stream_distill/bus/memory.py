@@ -166,6 +166,9 @@ class MemoryConsumer:
     def assignment(self) -> set[TopicPartition]:
         return set(self._positions)
 
+    async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self._log.end_offset(tp) for tp in tps}
+
     def pause(self, *tps: TopicPartition) -> None:
         self._paused.update(tps)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from stream_distill.bus.base import Bus
 from stream_distill.config import ServeSettings
 from stream_distill.data.synthetic import LabeledTurn
-from stream_distill.registry.store import Registry
+from stream_distill.registry.base import ModelStore
 
 
-def student_accuracy(registry: Registry, version: str, examples: Sequence[LabeledTurn]) -> float:
+def student_accuracy(registry: ModelStore, version: str, examples: Sequence[LabeledTurn]) -> float:
     """Accuracy of a published ONNX version (sha256-verified load) on held-out turns."""
     from stream_distill.serving.session import StudentSession
 

@@ -23,7 +23,7 @@ from stream_distill.demo.evaluate import count_records, student_accuracy, teache
 from stream_distill.demo.procs import RoleProcesses
 from stream_distill.demo.traffic import Chatbot, TrafficStats
 from stream_distill.demo.view import live_view, summary_table
-from stream_distill.registry.store import Registry
+from stream_distill.registry import ModelStore, open_registry
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ async def _demo(
             "SD_TRAINER__PUBLISH_EVERY_STEPS": "1000",
             "SD_TRAINER__HOLDOUT_FRACTION": "0.1",
         }
-        procs = RoleProcesses(run_dir, broker.bootstrap, settings.registry.root, env)
+        procs = RoleProcesses(run_dir, broker.bootstrap, Path(settings.registry.root), env)
         procs.start("trainer", "--teacher-dir", str(teacher_dir))
         procs.start("teacher", "--teacher-dir", str(teacher_dir))
         procs.start("serve", "--host", "127.0.0.1", "--port", str(port))
@@ -123,7 +123,7 @@ async def _drive(
     t_start: float,
 ) -> int:
     base = f"http://127.0.0.1:{port}"
-    registry = Registry(settings.registry.root)
+    registry = open_registry(settings.registry)
     await _wait_ready(base, procs)
     holdout = labelled_examples(plan.holdout_turns, seed=999)  # never sent to serve
     first = registry.list_versions()[0]
@@ -172,7 +172,7 @@ async def _served_versions(base: str) -> list[str]:
 
 def _report(
     stats: TrafficStats,
-    registry: Registry,
+    registry: ModelStore,
     *,
     teacher_scored: int,
     hard_labels: int,

@@ -13,14 +13,14 @@ from rich.table import Table
 
 from stream_distill.demo.procs import RoleProcesses
 from stream_distill.demo.traffic import TrafficStats
-from stream_distill.registry.store import Registry
+from stream_distill.registry.base import ModelStore
 
 
 def _fmt(x: float, digits: int = 1) -> str:
     return "-" if math.isnan(x) else f"{x:.{digits}f}"
 
 
-def progress_line(stats: TrafficStats, registry: Registry, elapsed: float, total: float) -> str:
+def progress_line(stats: TrafficStats, registry: ModelStore, elapsed: float, total: float) -> str:
     versions = registry.list_versions()
     return (
         f"{elapsed:4.0f}/{total:.0f}s  req {stats.requests} (failed {stats.failed})  "
@@ -34,7 +34,7 @@ async def live_view(
     console: Console,
     traffic: asyncio.Task[Any],
     stats: TrafficStats,
-    registry: Registry,
+    registry: ModelStore,
     procs: RoleProcesses,
     total: float,
     every_s: float = 10.0,

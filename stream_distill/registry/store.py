@@ -14,29 +14,41 @@ manifest before handing the bytes out.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from stream_distill.errors import IntegrityError, RegistryError
+from stream_distill.errors import RegistryError
+from stream_distill.registry.base import (
+    LABELS_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    ModelVersion,
+    build_manifest,
+    check_version_name,
+    next_after,
+    parse_manifest,
+    sha256_bytes,
+    sort_versions,
+    verified,
+    version_files,
+)
 
-MODEL_FILE = "model.onnx"
-LABELS_FILE = "labels.json"
-TOKENIZER_FILE = "tokenizer.json"
-MANIFEST_FILE = "manifest.json"
-_VERSION_RE = re.compile(r"^v(\d{1,9})\Z")  # \Z, not $: "$" also matches before a final "\n"
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+# Older imports name these from here.
+__all__ = [
+    "LABELS_FILE",
+    "MANIFEST_FILE",
+    "MODEL_FILE",
+    "TOKENIZER_FILE",
+    "ModelVersion",
+    "Registry",
+    "sha256_bytes",
+]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -45,25 +57,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    """A verified version, read fully into memory."""
-
-    version: str
-    model: bytes
-    labels: tuple[str, ...]
-    tokenizer_json: str
-    manifest: dict[str, Any]
-
-    @property
-    def sha256(self) -> str:
-        return str(self.manifest["files"][MODEL_FILE])
-
-    @property
-    def max_length(self) -> int:
-        return int(self.manifest.get("max_length", 64))
 
 
 class Registry:
@@ -79,16 +72,14 @@ class Registry:
     def list_versions(self) -> list[str]:
         if not self.versions_dir.is_dir():
             return []
-        found = [p.name for p in self.versions_dir.iterdir() if _VERSION_RE.match(p.name)]
-        return sorted(found, key=lambda v: int(v[1:]))
+        return sort_versions([p.name for p in self.versions_dir.iterdir()])
 
     def latest(self) -> str | None:
         versions = self.list_versions()
         return versions[-1] if versions else None
 
     def next_version(self) -> str:
-        latest = self.latest()
-        return f"v{int(latest[1:]) + 1 if latest else 1}"
+        return next_after(self.latest())
 
     def publish(
         self,
@@ -103,22 +94,11 @@ class Registry:
     ) -> ModelVersion:
         """Write a new version atomically and return it."""
         version = version or self.next_version()
-        if not _VERSION_RE.match(version):
-            raise RegistryError(f"bad version name {version!r}")
-        files = {
-            MODEL_FILE: model,
-            LABELS_FILE: json.dumps(list(labels)).encode(),
-            TOKENIZER_FILE: tokenizer_json.encode(),
-        }
-        manifest: dict[str, Any] = {
-            "version": version,
-            "files": {name: sha256_bytes(data) for name, data in files.items()},
-            "labels": list(labels),
-            "parent": parent,
-            "metrics": dict(metrics or {}),
-            "max_length": max_length,
-            "created": datetime.now(UTC).isoformat(),
-        }
+        check_version_name(version)
+        files = version_files(model, labels, tokenizer_json)
+        manifest = build_manifest(
+            version, files, labels, parent=parent, metrics=metrics, max_length=max_length
+        )
         tmp_root = self.root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         self.versions_dir.mkdir(parents=True, exist_ok=True)
@@ -140,27 +120,22 @@ class Registry:
 
     def load(self, version: str) -> ModelVersion:
         """Read a version and verify every file against its manifest."""
-        if not _VERSION_RE.match(version):
-            raise RegistryError(f"bad version name {version!r}")
+        check_version_name(version)
         folder = self.versions_dir / version
         try:
             manifest = json.loads((folder / MANIFEST_FILE).read_bytes())
-            expected: dict[str, str] = manifest["files"]
-            blobs = {name: (folder / name).read_bytes() for name in expected}
+            blobs = {name: (folder / name).read_bytes() for name in manifest["files"]}
+            return verified(version, manifest, blobs)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RegistryError(f"version {version} unreadable: {exc}") from exc
-        for name in (MODEL_FILE, LABELS_FILE, TOKENIZER_FILE):
-            if name not in blobs:
-                raise RegistryError(f"version {version} lacks {name}")
-        for name, data in blobs.items():
-            if sha256_bytes(data) != expected[name]:
-                raise IntegrityError(f"{version}/{name}: sha256 differs from manifest")
-        labels = json.loads(blobs[LABELS_FILE])
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise RegistryError(f"version {version}: labels.json is not a list of strings")
-        return ModelVersion(
-            version, blobs[MODEL_FILE], tuple(labels), blobs[TOKENIZER_FILE].decode(), manifest
-        )
+
+    def read_manifest(self, version: str) -> dict[str, Any]:
+        check_version_name(version)
+        try:
+            data = (self.versions_dir / version / MANIFEST_FILE).read_bytes()
+        except OSError as exc:
+            raise RegistryError(f"version {version} unreadable: {exc}") from exc
+        return parse_manifest(version, data)
 
     def prune(self, keep: int, protect: set[str] | frozenset[str] = frozenset()) -> list[str]:
         """Delete all but the newest ``keep`` versions (and any in ``protect``)."""

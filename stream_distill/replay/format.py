@@ -13,11 +13,12 @@ every request back, and a recording cut short would lose them. :func:`load` does
 join, so a loaded file carries, per request, the dialogue, conversation id, original
 timestamp, served intent and version, and the confirmed label when one was recorded.
 
-serve redacts e-mail addresses and card numbers before a dialogue leaves it, so for a
-request whose recorded text carries a redaction mark the recorded intent was served on
-words the file no longer holds: such requests are flagged ``redacted``. A *baseline* file
-(``source.baseline`` in the header, written by ``replay --save``) holds intents served on
-the stored text itself, so nothing in it is flagged.
+serve redacts e-mail addresses, card and phone numbers (and configured order ids) before a
+dialogue leaves it, so for a request whose recorded text carries a redaction mark the
+recorded intent was served on words the file no longer holds: such requests are flagged
+``redacted``. A *baseline* file (``source.baseline`` in the header, written by
+``replay --save``) holds intents served on the stored text itself, so nothing in it is
+flagged.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from stream_distill.events import HardLabel, RequestEvent, utc_now
 
 FORMAT = "stream-distill-replay"
 VERSION = 1
-REDACTION_MARKS = ("[email]", "[number]")
-"""What :func:`stream_distill.serving.service.redact` leaves in place of what it removes."""
+REDACTION_MARKS = ("[email]", "[number]", "[phone]", "[order]")
+"""What :mod:`stream_distill.serving.redact` leaves in place of what it removes (built-in rules)."""
 KINDS: dict[str, type[RequestEvent] | type[HardLabel]] = {
     RequestEvent.kind: RequestEvent,
     HardLabel.kind: HardLabel,

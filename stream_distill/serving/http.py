@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import time
 from collections.abc import Iterator
@@ -23,9 +24,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from stream_distill.errors import FeedbackUnavailable, NotReady
+from stream_distill.errors import DeadlineExceeded, FeedbackUnavailable, NotReady, Overloaded
 from stream_distill.feedback.collector import FeedbackCollector, FeedbackIn
 from stream_distill.metrics.prometheus import PrometheusHooks
+from stream_distill.serving.dashboard import dashboard_router
 from stream_distill.serving.oip import oip_router
 from stream_distill.serving.schemas import ClassifyIn, Limits
 from stream_distill.serving.service import ClassifyResult, ServingCore
@@ -108,6 +110,11 @@ def _answer(r: ClassifyResult) -> dict[str, Any]:
     }
 
 
+def _refusal(status: int, detail: str, retry_after_s: float) -> Response:
+    retry = str(max(1, math.ceil(retry_after_s)))  # Retry-After carries whole seconds
+    return JSONResponse({"detail": detail}, status_code=status, headers={"Retry-After": retry})
+
+
 def create_app(
     core: ServingCore,
     feedback: FeedbackCollector | None = None,
@@ -145,6 +152,10 @@ def create_app(
             return JSONResponse(
                 {"detail": str(exc)}, status_code=503, headers={"Retry-After": RETRY_AFTER_S}
             )
+        except DeadlineExceeded as exc:
+            return _refusal(503, f"deadline: {exc}", exc.retry_after_s)
+        except Overloaded as exc:
+            return _refusal(429, f"overloaded: {exc}", exc.retry_after_s)
         return JSONResponse(_answer(result))
 
     if feedback is not None:
@@ -184,9 +195,9 @@ def create_app(
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
-        ok = core.ready
+        ok = core.ready and not core.draining
         return JSONResponse(
-            {"ready": ok, "model_version": core.version},
+            {"ready": ok, "draining": core.draining, "model_version": core.version},
             status_code=200 if ok else 503,
             headers={} if ok else {"Retry-After": RETRY_AFTER_S},
         )
@@ -211,6 +222,7 @@ def create_app(
         return JSONResponse({"serving": serving, "loaded": loaded, "rejected": core.rejected})
 
     app.include_router(oip_router(core))
+    app.include_router(dashboard_router(core, metrics))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
 

@@ -23,7 +23,7 @@ from stream_distill.config import ServeSettings
 from stream_distill.feedback.collector import FeedbackCollector
 from stream_distill.metrics.hooks import Hooks
 from stream_distill.metrics.prometheus import PrometheusHooks
-from stream_distill.registry.store import Registry
+from stream_distill.registry.base import ModelStore
 from stream_distill.serving.http import HttpServer, create_app
 from stream_distill.serving.service import ServingCore
 
@@ -48,7 +48,7 @@ class RunningServe:
 
 @contextlib.asynccontextmanager
 async def run_serve(
-    registry: Registry,
+    registry: ModelStore,
     settings: ServeSettings,
     bus: Bus | None = None,
     *,

@@ -1,11 +1,11 @@
 """The serving core: one current model swapped atomically, answers, request events.
 
-``ServingCore._session`` is the only mutable state a request touches: a request
-reads it once at its start, so it finishes on the model it started with and
-names exactly that version, while a swap simply rebinds the attribute (the old
-session is freed when its last request drops it). Candidates are loaded,
-sha256-checked and verified off the event loop; a failed one never replaces
-the serving model.
+``ServingCore._session`` is the only mutable state a request touches: requests
+are answered in micro-batches (:mod:`.batcher`), each of which reads it once,
+so every answer names exactly the version that computed it, while a swap simply
+rebinds the attribute (the old session is freed when its last batch drops it).
+Candidates are loaded, sha256-checked and verified off the event loop; a failed
+one never replaces the serving model.
 
 Request events go through a bounded queue to a background publisher: when the
 queue is full or the bus fails, the event is dropped and counted, never turned
@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -30,10 +29,19 @@ import numpy as np
 from stream_distill.bus.base import Bus, Producer, Topics
 from stream_distill.bus.codec import encode, headers_for
 from stream_distill.config import ServeSettings
-from stream_distill.errors import IntegrityError, ModelRejected, NotReady, StreamDistillError
+from stream_distill.errors import (
+    DeadlineExceeded,
+    IntegrityError,
+    ModelRejected,
+    NotReady,
+    Overloaded,
+    StreamDistillError,
+)
 from stream_distill.events import RequestEvent, TopIntent, Turn, new_id, utc_now
 from stream_distill.metrics.hooks import Hooks
-from stream_distill.registry.store import Registry
+from stream_distill.registry.base import ModelStore
+from stream_distill.serving.batcher import Batcher
+from stream_distill.serving.redact import Redactor, redact
 from stream_distill.serving.session import StudentSession
 from stream_distill.serving.watcher import ModelWatcher
 
@@ -42,13 +50,7 @@ log = logging.getLogger(__name__)
 KEEP_HISTORY = 100
 """Swapped-in versions remembered for ``/v1/models``."""
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
-
-
-def redact(text: str) -> str:
-    """Mask what must not leave serve: e-mail addresses and card-like digit runs."""
-    return _CARD.sub("[number]", _EMAIL.sub("[email]", text))
+__all__ = ["ClassifyResult", "LoadedVersion", "ServingCore", "redact"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +87,7 @@ class ServingCore:
 
     def __init__(
         self,
-        registry: Registry,
+        registry: ModelStore,
         settings: ServeSettings,
         hooks: Hooks | None = None,
         *,
@@ -103,6 +105,9 @@ class ServingCore:
         self.topics = topics or (bus.topics if bus is not None else Topics())
         self._clock = clock
         self._session: StudentSession | None = None
+        self._draining = False
+        self.redactor = Redactor.from_settings(settings)
+        self.batcher = Batcher(lambda: self._session, settings, self.hooks, clock)
         self.verified: deque[LoadedVersion] = deque(maxlen=KEEP_HISTORY)
         self.rejected: dict[str, str] = {}
         self._load_lock = asyncio.Lock()
@@ -131,6 +136,14 @@ class ServingCore:
         return self._session is not None
 
     @property
+    def draining(self) -> bool:
+        """True once shutdown began: still answering, but no longer ready for new traffic."""
+        return self._draining
+
+    def begin_drain(self) -> None:
+        self._draining = True
+
+    @property
     def version(self) -> str | None:
         s = self._session
         return s.version if s else None
@@ -145,11 +158,13 @@ class ServingCore:
         """Start publishing request events and watching for models (loads run in background)."""
         if self.producer is not None and self._publisher is None:
             self._publisher = asyncio.create_task(self._publish_events(), name="sd-events")
+        self.batcher.start()
         await self.watcher.start()
 
     async def aclose(self, drain_timeout_s: float = 5.0) -> None:
         """Stop watching, give queued events ``drain_timeout_s`` to reach the bus, stop."""
         await self.watcher.aclose()
+        await self.batcher.aclose()
         if self._publisher is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._queue.join(), drain_timeout_s)
@@ -208,21 +223,28 @@ class ServingCore:
         *,
         deadline_ms: float | None = None,
     ) -> ClassifyResult:
-        """Answer one dialogue (current user turn last) with the model serving now."""
+        """Answer one dialogue (current user turn last) within ``deadline_ms``.
+
+        Raises :class:`NotReady` (no model), :class:`Overloaded` (queue full) or
+        :class:`DeadlineExceeded` (the budget cannot be met, ``reject`` policy).
+        """
         t0 = self._clock()
-        session = self._session  # the one model this request will use, whatever swaps
-        if session is None:
+        if self._session is None:
             self.hooks.on_request("shed", 0.0, None)
             raise NotReady("no model loaded yet")
-        try:
-            probs = await asyncio.to_thread(session.predict, [turns])
-        except Exception:
-            self.hooks.on_request("error", (self._clock() - t0) * 1e3, session.version)
-            raise
-        self.hooks.on_batch(1)
-        latency_ms = (self._clock() - t0) * 1e3
         budget = deadline_ms or self.settings.deadline_ms
-        result = _summarise(probs[0], session, self.settings.top_k, latency_ms, budget)
+        try:
+            answer = await self.batcher.run(turns, t0 + budget / 1e3)
+        except (DeadlineExceeded, Overloaded, NotReady) as exc:
+            outcome = "deadline" if isinstance(exc, DeadlineExceeded) else "shed"
+            self.hooks.on_request(outcome, (self._clock() - t0) * 1e3, self.version)
+            raise
+        except Exception:
+            self.hooks.on_request("error", (self._clock() - t0) * 1e3, self.version)
+            raise
+        session = answer.session
+        latency_ms = (self._clock() - t0) * 1e3
+        result = _summarise(answer.probs, session, self.settings.top_k, latency_ms, budget)
         outcome = "deadline" if result.deadline_missed else "ok"
         self.hooks.on_request(outcome, result.latency_ms, session.version)
         if self._publisher is not None:
@@ -233,7 +255,7 @@ class ServingCore:
         event = RequestEvent(
             request_id=r.request_id,
             conversation_id=conversation_id,
-            turns=tuple(Turn(role=t.role, text=redact(t.text)) for t in turns),
+            turns=tuple(Turn(role=t.role, text=self.redactor(t.text)) for t in turns),
             served_intent=r.intent,
             top=r.top,
             entropy=r.entropy,

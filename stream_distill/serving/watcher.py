@@ -19,7 +19,7 @@ from stream_distill.bus.codec import decode
 from stream_distill.errors import PoisonRecord
 from stream_distill.events import ModelPublished
 from stream_distill.metrics.hooks import Hooks
-from stream_distill.registry.store import Registry
+from stream_distill.registry.base import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class ModelWatcher:
 
     def __init__(
         self,
-        registry: Registry,
+        registry: ModelStore,
         load: LoadFn,
         current: Callable[[], str | None],
         rejected: Callable[[str], bool],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -12,9 +13,12 @@ import torch
 
 from stream_distill.config import TrainerSettings
 from stream_distill.events import Turn
+from stream_distill.models.factory import extend_head
 from stream_distill.models.text import Batch, TextEncoder
 from stream_distill.trainer.join import Example
-from stream_distill.trainer.losses import IGNORE, combined, hard_ce, kd_kl
+from stream_distill.trainer.losses import IGNORE, attention_alignment, combined, hard_ce, kd_kl
+
+MASKED = -1e4  # a logit that softmax turns into ~0 at any temperature we use
 
 
 def to_torch(batch: Batch) -> dict[str, torch.Tensor]:
@@ -36,20 +40,85 @@ class Learner:
         self.labels = tuple(labels)
         self.settings = settings
         self._index = {name: i for i, name in enumerate(self.labels)}
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        head = [p for n, p in trainable if n.startswith("classifier.")]
-        body = [p for n, p in trainable if not n.startswith("classifier.")]
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": body, "lr": settings.lr},
-                {"params": head, "lr": settings.lr * settings.head_lr_multiplier},
-            ]
-        )
+        self.optimizer = self._new_optimizer()
         self.steps = 0
         self.examples_seen = 0
+        # The EMA teacher of the "self" strategy (and of online's fallback); made on first use.
+        self.ema: Any = None
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        head = [p for n, p in trainable if n.startswith("classifier.")]
+        body = [p for n, p in trainable if not n.startswith("classifier.")]
+        lr = self.settings.lr
+        return torch.optim.AdamW(
+            [
+                {"params": body, "lr": lr},
+                {"params": head, "lr": lr * self.settings.head_lr_multiplier},
+            ]
+        )
+
+    def add_labels(self, new: Sequence[str]) -> bool:
+        """Grow the head to cover ``new`` labels; old rows (and predictions) stay as they were.
+
+        The body keeps its optimizer moments; the grown head starts fresh ones. The EMA
+        teacher is dropped (its head has the old width) and rebuilt on next use.
+        """
+        added = [x for x in dict.fromkeys(new) if x not in self._index]
+        if not added:
+            return False
+        old_state = {p: st for p, st in self.optimizer.state.items()}
+        extend_head(self.model, [*self.labels, *added])
+        self.labels = (*self.labels, *added)
+        self._index = {name: i for i, name in enumerate(self.labels)}
+        self.optimizer = self._new_optimizer()
+        for p in self.model.parameters():
+            if p in old_state:
+                self.optimizer.state[p] = old_state[p]
+        self.ema = None
+        return True
+
+    def _ema_model(self) -> Any:
+        if self.ema is None:
+            self.ema = copy.deepcopy(self.model).eval()
+            for p in self.ema.parameters():
+                p.requires_grad_(False)
+        return self.ema
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = self.settings.ema_decay
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                e.mul_(d).add_(p.detach(), alpha=1.0 - d)
+
+    def _targets(
+        self, examples: Sequence[Example], feed: dict[str, torch.Tensor], self_targets: bool
+    ) -> tuple[list[int], torch.Tensor]:
+        """KD rows and their target logits, by strategy."""
+        strategy = self.settings.strategy
+        if strategy == "hard_only":
+            return [], torch.zeros((0, len(self.labels)))
+        rows: list[int] = []
+        t_logits = torch.zeros((0, len(self.labels)))
+        if strategy == "online":
+            rows, t_logits = self._teacher_rows(examples)
+        if strategy == "self" or (self_targets and len(rows) < len(examples)):
+            missing = [i for i in range(len(examples)) if i not in set(rows)]
+            with torch.no_grad():
+                ema_logits = self._ema_model()(**feed).logits
+            rows = rows + missing
+            t_logits = torch.cat([t_logits, ema_logits[missing]])
+        return rows, t_logits
 
     def _teacher_rows(self, examples: Sequence[Example]) -> tuple[list[int], torch.Tensor]:
-        """Rows with a usable soft label and its logits in the student's label order."""
+        """Rows with a usable soft label and its logits in the student's label order.
+
+        Labels the teacher does not know get ``MASKED`` logits (the KD term then compares
+        the two distributions over the labels the teacher knows); a soft label sharing
+        fewer than two labels with the student teaches nothing and is skipped.
+        """
         rows: list[int] = []
         logits: list[list[float]] = []
         for i, ex in enumerate(examples):
@@ -59,20 +128,31 @@ class Learner:
                 logits.append(list(ex.soft.logits))
             else:
                 by_name = dict(zip(ex.soft.labels, ex.soft.logits, strict=True))
-                if not all(name in by_name for name in self.labels):
-                    continue  # the teacher does not cover our label space: no KD for this row
-                logits.append([by_name[name] for name in self.labels])
+                if sum(name in by_name for name in self.labels) < 2:
+                    continue
+                logits.append([by_name.get(name, MASKED) for name in self.labels])
             rows.append(i)
         return rows, torch.tensor(logits, dtype=torch.float32).reshape(len(rows), len(self.labels))
 
-    def learn_many(self, examples: Sequence[Example]) -> dict[str, float]:
+    def learn_many(
+        self, examples: Sequence[Example], *, self_targets: bool = False
+    ) -> dict[str, float]:
         """One optimizer step on ``examples``; returns the loss components."""
         t0 = time.perf_counter()
         self.model.train()
-        feed = to_torch(self.encoder.encode([ex.turns for ex in examples]))
-        logits = self.model(**feed).logits
-        rows, t_logits = self._teacher_rows(examples)
-        kd = kd_kl(logits[rows], t_logits, self.settings.temperature)
+        batch = self.encoder.encode([ex.turns for ex in examples])
+        feed = to_torch(batch)
+        use_att = (
+            self.settings.strategy == "online"
+            and self.settings.attention_weight > 0
+            and any(ex.soft is not None and ex.soft.attention for ex in examples)
+        )
+        out = self.model(**feed, output_attentions=use_att)
+        logits = out.logits
+        rows, t_logits = self._targets(examples, feed, self_targets)
+        # Columns the teacher does not know are masked on both sides of the KD term.
+        student_kd = logits[rows].masked_fill(t_logits <= MASKED, MASKED)
+        kd = kd_kl(student_kd, t_logits, self.settings.temperature)
         targets = torch.tensor(
             [self._index.get(ex.hard, IGNORE) if ex.hard else IGNORE for ex in examples]
         )
@@ -81,6 +161,8 @@ class Learner:
         # With only one kind of label in the batch, that kind carries the whole weight.
         alpha = self.settings.alpha if (has_kd and has_ce) else (1.0 if has_kd else 0.0)
         loss = combined(kd, ce, alpha)
+        att = self._attention_loss(out, batch, examples) if use_att else loss.detach() * 0.0
+        loss = loss + self.settings.attention_weight * att
         self.optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()  # type: ignore[no-untyped-call]
@@ -88,14 +170,28 @@ class Learner:
                 [p for p in self.model.parameters() if p.requires_grad], 1.0
             )
             self.optimizer.step()
+            self._update_ema()
         self.steps += 1
         self.examples_seen += len(examples)
         return {
             "total": float(loss.detach()),
             "kd": float(kd.detach()),
             "ce": float(ce.detach()),
+            "attention": float(att.detach()),
             "seconds": time.perf_counter() - t0,
         }
+
+    @staticmethod
+    def _attention_loss(out: Any, batch: Batch, examples: Sequence[Example]) -> torch.Tensor:
+        """Student [CLS]→token attention (last layer, heads averaged) vs the teacher's."""
+        cls_attention = out.attentions[-1][:, :, 0, :].mean(dim=1)
+        first_segment = (batch.token_type_ids == 0) & (batch.attention_mask == 1)
+        lengths = [int(n) for n in first_segment.sum(axis=1)]
+        vectors = [
+            torch.tensor(ex.soft.attention if ex.soft and ex.soft.attention else [])
+            for ex in examples
+        ]
+        return attention_alignment(cls_attention, vectors, lengths)
 
     @torch.inference_mode()
     def predict_many(

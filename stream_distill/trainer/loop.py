@@ -8,6 +8,7 @@ restart resumes exactly where the last checkpoint left off.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,13 +16,13 @@ from typing import Any
 
 import torch
 
-from stream_distill.bus.base import Bus, Producer, Record, TopicPartition, dead_letter
+from stream_distill.bus.base import Bus, Consumer, Producer, Record, TopicPartition, dead_letter
 from stream_distill.bus.codec import decode
 from stream_distill.config import TrainerSettings
 from stream_distill.errors import PoisonRecord
 from stream_distill.events import HardLabel, RequestEvent, SoftLabel
 from stream_distill.metrics.hooks import Hooks
-from stream_distill.registry.store import Registry
+from stream_distill.registry.base import ModelStore
 from stream_distill.trainer.checkpoint import (
     CheckpointStore,
     Snapshot,
@@ -38,6 +39,8 @@ from stream_distill.trainer.replay import ReplayBuffer
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY_STEPS = 10
+EMA_PREFIX = "ema::"
+LAG_EVERY_S = 5.0
 PROMOTION_MARGIN = 0.02
 
 
@@ -54,7 +57,7 @@ class Trainer:
     def __init__(
         self,
         bus: Bus,
-        registry: Registry,
+        registry: ModelStore,
         learner: Learner,
         settings: TrainerSettings,
         tokenizer_json: str,
@@ -73,6 +76,7 @@ class Trainer:
         self.store = CheckpointStore(settings.checkpoint_dir)
         self.publisher = Publisher(registry, bus.topics, tokenizer_json, PROMOTION_MARGIN)
         self.offsets: dict[TopicPartition, int] = {}
+        self._last_soft = time.monotonic()
         self.stats = TrainerStats()
         self._decoders: dict[str, Any] = {
             self.topics.requests: (RequestEvent, self.join.add_request),
@@ -86,9 +90,17 @@ class Trainer:
         if snap is None:
             return False
         st = snap.state
-        if tuple(st["labels"]) != self.learner.labels:
-            raise RuntimeError("checkpoint label list differs from the student's")
-        self.learner.model.load_state_dict(snap.model_state)
+        labels = tuple(st["labels"])
+        if labels[: len(self.learner.labels)] != self.learner.labels:
+            raise RuntimeError("checkpoint label list does not extend the student's")
+        self.learner.add_labels(labels[len(self.learner.labels) :])  # grown before the crash
+        weights = {k: v for k, v in snap.model_state.items() if not k.startswith(EMA_PREFIX)}
+        ema = {
+            k[len(EMA_PREFIX) :]: v for k, v in snap.model_state.items() if k.startswith(EMA_PREFIX)
+        }
+        self.learner.model.load_state_dict(weights)
+        if ema:
+            self.learner._ema_model().load_state_dict(ema)
         params = list(self.learner.model.parameters())
         load_optimizer_tensors(self.learner.optimizer, params, snap.optim_state)
         self.learner.steps = st["steps"]
@@ -107,8 +119,12 @@ class Trainer:
 
     def _snapshot(self) -> Snapshot:
         params = list(self.learner.model.parameters())
+        model_state = {k: v.detach().clone() for k, v in self.learner.model.state_dict().items()}
+        if self.learner.ema is not None:
+            for k, v in self.learner.ema.state_dict().items():
+                model_state[EMA_PREFIX + k] = v.detach().clone()
         return Snapshot(
-            model_state={k: v.detach().clone() for k, v in self.learner.model.state_dict().items()},
+            model_state=model_state,
             optim_state=optimizer_tensors(self.learner.optimizer, params),
             state={
                 "labels": list(self.learner.labels),
@@ -126,7 +142,21 @@ class Trainer:
         for rec in records:
             kind, add = self._decoders[rec.topic]
             try:
-                add(decode(kind, rec.value))
+                event = decode(kind, rec.value)  # validated even when the strategy ignores it
+                if rec.topic == self.topics.soft_labels:
+                    self._last_soft = time.monotonic()
+                    if self.settings.strategy != "online":
+                        event = None
+                if isinstance(event, HardLabel) and event.intent not in self.learner.labels:
+                    # A new intent (a promotion started): grow the student's label space.
+                    self.learner.add_labels([event.intent])
+                    log.info(
+                        "new intent %r: student now has %d labels",
+                        event.intent,
+                        len(self.learner.labels),
+                    )
+                if event is not None:
+                    add(event)
             except PoisonRecord as exc:
                 await dead_letter(producer, self.topics.dead_letters, rec, str(exc))
                 self.hooks.on_dead_letter(rec.topic, "poison")
@@ -140,15 +170,28 @@ class Trainer:
         replayed = int(self.settings.batch_size * self.settings.replay_ratio)
         return max(1, self.settings.batch_size - replayed)
 
+    async def _report_lag(self, consumer: Consumer) -> None:
+        """Records in the log not yet consumed (what the trainer is behind by)."""
+        try:
+            ends = await consumer.end_offsets(sorted(consumer.assignment()))
+        except Exception as exc:  # lag is informative only; never stop learning for it
+            log.debug("lag unavailable: %s", exc)
+            return
+        lag = sum(max(0, end - self.offsets.get(tp, 0)) for tp, end in ends.items())
+        self.hooks.on_consumer_lag("trainer", lag)
+
     async def _step(self) -> None:
         new = self.join.take_ready(self._new_per_batch())
+        starved = time.monotonic() - self._last_soft > self.settings.self_fallback_s
         old = self.replay.sample(
             self.settings.batch_size - len(new), exclude={ex.request_id for ex in new}
         )
         for ex in new:
             self.replay.add(ex)
         batch = new + old
-        losses = await asyncio.to_thread(self.learner.learn_many, batch)
+        losses = await asyncio.to_thread(
+            functools.partial(self.learner.learn_many, batch, self_targets=starved)
+        )
         self.stats.steps += 1
         self.stats.last_losses = losses
         self.hooks.on_train_step(
@@ -183,8 +226,15 @@ class Trainer:
                 await self.publish_now(producer)  # the first version: serve needs a model
                 await self.checkpoint()
             last_publish, steps_at_publish = time.monotonic(), self.learner.steps
+            next_lag = 0.0
             while not stop.is_set():
-                records = await consumer.getmany(timeout_ms=200, max_records=2000)
+                if time.monotonic() >= next_lag:
+                    await self._report_lag(consumer)
+                    next_lag = time.monotonic() + LAG_EVERY_S
+                # With a backlog to learn, only glance at the log: a 200 ms wait per step
+                # would cap a quiet stream's training at five steps a second.
+                backlog = self.join.ready_count >= self._new_per_batch()
+                records = await consumer.getmany(timeout_ms=0 if backlog else 200, max_records=2000)
                 await self._ingest(producer, records)
                 ready = self.join.ready_count
                 if ready >= self._new_per_batch() or (

@@ -36,3 +36,27 @@ def hard_ce(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 def combined(kd: torch.Tensor, ce: torch.Tensor, alpha: float) -> torch.Tensor:
     """``α·KD + (1−α)·CE``."""
     return alpha * kd + (1.0 - alpha) * ce
+
+
+def attention_alignment(
+    student_cls_attention: torch.Tensor, teacher_vectors: list[torch.Tensor], lengths: list[int]
+) -> torch.Tensor:
+    """Mean ``KL(teacher || student)`` of [CLS]→token attention over each row's first segment.
+
+    ``student_cls_attention`` is [batch, seq] (last layer, heads averaged); row ``i`` is
+    compared on its first ``lengths[i]`` tokens ([CLS] + the current turn + [SEP]), the
+    stretch both tokenisations share, each side renormalised there. Rows whose teacher
+    vector is shorter than that stretch are skipped; 0 when no row qualifies.
+    """
+    terms: list[torch.Tensor] = []
+    for i, (t_vec, n) in enumerate(zip(teacher_vectors, lengths, strict=True)):
+        if n < 2 or t_vec.numel() < n:
+            continue
+        t = t_vec[:n].clamp_min(1e-8)
+        t = t / t.sum()
+        s = student_cls_attention[i, :n].clamp_min(1e-8)
+        s = s / s.sum()
+        terms.append((t * (t.log() - s.log())).sum())
+    if not terms:
+        return student_cls_attention.sum() * 0.0
+    return torch.stack(terms).mean()

@@ -12,7 +12,7 @@ from stream_distill.bus.codec import encode, headers_for
 from stream_distill.errors import RegistryError
 from stream_distill.events import ModelMetrics, ModelPublished, Turn
 from stream_distill.models.export import export_onnx, onnx_logits, onnx_max_abs_diff
-from stream_distill.registry.store import ModelVersion, Registry
+from stream_distill.registry.base import ModelStore, ModelVersion
 from stream_distill.trainer.join import JoinState
 from stream_distill.trainer.learner import Learner
 
@@ -48,7 +48,7 @@ class Publisher:
     """
 
     def __init__(
-        self, registry: Registry, topics: Topics, tokenizer_json: str, margin: float
+        self, registry: ModelStore, topics: Topics, tokenizer_json: str, margin: float
     ) -> None:
         self.registry = registry
         self.topics = topics

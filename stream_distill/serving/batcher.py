@@ -1,0 +1,256 @@
+"""Dynamic micro-batching under deadlines: concurrent requests share one model run.
+
+One task per :class:`~stream_distill.serving.service.ServingCore` takes requests from a
+bounded queue, up to ``batch_max_size`` of them or until ``batch_max_wait_us`` has
+passed since the first, and hands the batch to a single worker thread that tokenises
+and runs it, so the event loop never does either. While a batch runs, the next one
+queues up, so under load batches grow on their own even with no wait at all.
+
+Each batch reads the current session once, after it is formed: every answer in it
+names that one version, and a request that arrived after a swap is never answered by
+the model swapped out.
+
+Deadlines are absolute times on the injected clock. With the ``reject`` policy a
+request is refused with :class:`DeadlineExceeded` as soon as it is clear it cannot be
+answered in time: on arrival (the work queued ahead of it plus its own batch exceeds
+what is left), when its batch forms (less left than a batch takes), and at the
+deadline itself if it is still waiting. Service time is an EWMA of recent batch
+latencies. A request arriving at an idle model always runs, however slow recent
+batches were, so the estimate keeps learning instead of locking every request out.
+With ``late_ok`` every admitted request is answered, late if need be. A full queue
+refuses with :class:`Overloaded` under either policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from stream_distill.config import ServeSettings
+from stream_distill.errors import DeadlineExceeded, NotReady, Overloaded
+from stream_distill.events import Turn
+from stream_distill.metrics.hooks import Hooks
+from stream_distill.serving.session import FloatArray, StudentSession
+
+EWMA_ALPHA = 0.2
+"""Weight of the newest batch in the service-time estimate (about the last 10 batches)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One request's probabilities and the session (hence version) that produced them."""
+
+    session: StudentSession
+    probs: FloatArray
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    dialogue: Sequence[Turn]
+    deadline: float
+    probe: bool
+    future: asyncio.Future[Answer] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Batcher:
+    """Queue, batch former and worker thread; ``start()``/``aclose()``, then :meth:`run`."""
+
+    def __init__(
+        self,
+        current: Callable[[], StudentSession | None],
+        settings: ServeSettings,
+        hooks: Hooks,
+        clock: Callable[[], float],
+    ) -> None:
+        self._current = current
+        self.max_size = settings.batch_max_size
+        self.max_wait_s = settings.batch_max_wait_us / 1e6
+        self.reject_late = settings.deadline_policy == "reject"
+        self.hooks = hooks
+        self._clock = clock
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(settings.queue_max)
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._running_since: float | None = None
+        self._inflight: list[_Pending] = []
+        self.service_s = 0.0
+        """EWMA of batch latency in seconds (0 until the first batch ran)."""
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the batch task (idempotent; needs a running event loop)."""
+        if self._task is not None and not self._task.done():
+            return
+        # A thread of its own: model loads and other to_thread work never delay a batch.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="sd-batch")
+        self._task = asyncio.create_task(self._loop(), name="sd-batcher")
+
+    async def aclose(self) -> None:
+        """Stop batching; requests still queued get :class:`NotReady`."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        # Nobody else would ever answer these: the task that held them is gone.
+        waiting = [*self._inflight, *(self._queue.get_nowait() for _ in range(self.queued))]
+        for p in waiting:
+            _fail(p, NotReady("serve is shutting down"))
+        self._inflight = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """A batch is on the model now."""
+        return self._running_since is not None
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch."""
+        return self._queue.qsize()
+
+    # -- requests ----------------------------------------------------------------------
+    def expected_wait_s(self) -> float:
+        """Seconds until a request queued now would have its answer (the estimate)."""
+        ahead = self._queue.qsize() // self.max_size  # full batches before this one's
+        busy = self._running_since
+        left = 0.0 if busy is None else max(0.0, self.service_s - (self._clock() - busy))
+        return left + (ahead + 1) * self.service_s
+
+    async def run(self, dialogue: Sequence[Turn], deadline: float) -> Answer:
+        """Queue ``dialogue`` and wait for its answer, within ``deadline`` (clock seconds)."""
+        self.start()
+        idle = self._running_since is None and self._queue.empty()
+        if self.reject_late and not idle:
+            expected = self.expected_wait_s()
+            if deadline - self._clock() < expected:
+                raise DeadlineExceeded(
+                    f"expected wait {expected * 1e3:.0f} ms exceeds the budget left",
+                    _retry_after(expected),
+                )
+        pending = _Pending(dialogue, deadline, probe=idle)
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            raise Overloaded(
+                f"{self._queue.maxsize} requests already wait", _retry_after(self.expected_wait_s())
+            ) from None
+        self._arrived.set()
+        try:
+            if not self.reject_late:
+                return await pending.future
+            left = max(0.0, deadline - self._clock())
+            return await asyncio.wait_for(asyncio.shield(pending.future), left)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "no answer within the deadline", _retry_after(self.expected_wait_s())
+            ) from None
+        finally:
+            # Given up on (deadline, or the caller went away): the batcher skips it.
+            pending.future.cancel()
+
+    # -- the batch task ----------------------------------------------------------------
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self._admit(await self._collect())
+            if not batch:
+                continue
+            session = self._current()
+            if session is None:
+                for p in batch:
+                    _fail(p, NotReady("no model loaded"))
+                continue
+            t0 = self._clock()
+            self._running_since = t0
+            self._inflight = batch
+            try:
+                rows = await loop.run_in_executor(
+                    self._executor, _predict, session, [p.dialogue for p in batch]
+                )
+            except Exception as exc:  # the worker itself is gone; the task must live on
+                rows = [exc] * len(batch)
+            finally:
+                # _inflight stays set on cancellation, for aclose() to answer.
+                self._running_since = None
+            self._inflight = []
+            self._observe(self._clock() - t0)
+            self.hooks.on_batch(len(batch))
+            for p, row in zip(batch, rows, strict=True):
+                if p.future.done():
+                    continue
+                if isinstance(row, Exception):
+                    p.future.set_exception(row)
+                else:
+                    p.future.set_result(Answer(session, row))
+
+    def _observe(self, took_s: float) -> None:
+        first = self.service_s == 0.0
+        self.service_s = (
+            took_s if first else EWMA_ALPHA * took_s + (1 - EWMA_ALPHA) * self.service_s
+        )
+
+    async def _collect(self) -> list[_Pending]:
+        batch = self._inflight = [await self._queue.get()]  # aclose() fails what it holds
+        end = asyncio.get_running_loop().time() + self.max_wait_s
+        while True:
+            self._arrived.clear()
+            while len(batch) < self.max_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            left = end - asyncio.get_running_loop().time()
+            if len(batch) >= self.max_size or left <= 0:
+                return batch
+            # Waiting on an event, not on queue.get(): a timed-out get can lose its item.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
+
+    def _admit(self, batch: list[_Pending]) -> list[_Pending]:
+        """Drop requests given up on; refuse those this batch would answer too late."""
+        now = self._clock()
+        admitted = []
+        for p in batch:
+            if p.future.done():
+                continue
+            if self.reject_late and not p.probe and p.deadline - now < self.service_s:
+                _fail(p, DeadlineExceeded("deadline too close when its batch formed"))
+                continue
+            admitted.append(p)
+        return admitted
+
+
+def _predict(
+    session: StudentSession, dialogues: Sequence[Sequence[Turn]]
+) -> list[FloatArray | Exception]:
+    """One row (or the error) per dialogue; one bad input fails only its own request."""
+    try:
+        return list(session.predict(dialogues))
+    except Exception as exc:
+        if len(dialogues) == 1:
+            return [exc]
+    out: list[FloatArray | Exception] = []
+    for d in dialogues:
+        try:
+            out.append(session.predict([d])[0])
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
+def _fail(p: _Pending, exc: Exception) -> None:
+    if not p.future.done():
+        p.future.set_exception(exc)
+
+
+def _retry_after(expected_s: float) -> float:
+    """Whole seconds (what ``Retry-After`` carries), at least one."""
+    return float(max(1, math.ceil(expected_s)))
