@@ -84,6 +84,40 @@ async def run_serve(settings: Settings, stop: asyncio.Event | None = None) -> No
         await asyncio.sleep(settings.serve.drain_grace_s)
 
 
+# -- feedback --------------------------------------------------------------------------------
+async def run_feedback(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Consume the feedback-raw topic alone (``serve.feedback_group_id``) until SIGTERM/SIGINT.
+
+    Without serve there is no record of answered request ids, so that check is
+    skipped; intents are checked against the labels of the registry's latest version.
+    """
+    import time
+
+    from stream_distill.feedback.collector import FeedbackCollector
+    from stream_distill.feedback.raw import RawFeedbackConsumer
+    from stream_distill.registry import open_registry
+
+    registry = open_registry(settings.registry)
+    cached: tuple[float, tuple[str, ...] | None] = (-1e9, None)
+
+    def labels() -> tuple[str, ...] | None:
+        nonlocal cached
+        if time.monotonic() - cached[0] > 30.0:  # the registry may be remote: ask rarely
+            latest = registry.latest()
+            found = tuple(registry.read_manifest(latest)["labels"]) if latest else None
+            cached = (time.monotonic(), found)
+        return cached[1]
+
+    bus = make_bus(settings)
+    await bus.ensure_topics()
+    stop = stop or stop_on_signals()
+    async with bus.producer() as producer:
+        collector = FeedbackCollector(producer, bus.topics, settings.serve, labels=labels)
+        consumer = RawFeedbackConsumer(bus, collector, group_id=settings.serve.feedback_group_id)
+        log.info("feedback consuming %s", bus.topics.feedback_raw)
+        await consumer.run(stop)
+
+
 def role_hooks(metrics_port: int | None) -> Hooks:
     """Prometheus hooks exported on ``metrics_port`` (no-op hooks when it is None)."""
     if metrics_port is None:

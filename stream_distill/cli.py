@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
 
+    p = sub.add_parser("feedback", help="consume the feedback-raw topic into hard labels")
+    _common(p)
+
     for name, what in (("teacher", "score requests into soft labels"), ("trainer", "distill")):
         p = sub.add_parser(name, help=what)
         _common(p)
@@ -143,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.cmd == "serve":
         asyncio.run(app.run_serve(settings))
+    elif args.cmd == "feedback":
+        asyncio.run(app.run_feedback(settings))
     elif args.cmd == "teacher":
         asyncio.run(app.run_teacher(settings, args.teacher_dir))
     elif args.cmd == "trainer":

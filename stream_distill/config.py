@@ -28,20 +28,32 @@ class KafkaSettings(_Section):
     topic_prefix: str = Field(default="sd.", description="Prefix of every topic name.")
     partitions: int = Field(default=4, ge=1, description="Partitions of topics created if missing.")
     replication_factor: int = Field(default=1, ge=1, description="Replication of created topics.")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="How clients reach the brokers."
+    )
     sasl_mechanism: str | None = Field(default=None, description="e.g. PLAIN, SCRAM-SHA-256.")
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    request_timeout_ms: int = Field(default=40000, ge=1000)
+    sasl_username: str | None = Field(default=None, description="SASL user (SASL_* protocols).")
+    sasl_password: SecretStr | None = Field(
+        default=None, description="SASL password (SASL_* protocols)."
+    )
+    ssl_cafile: Path | None = Field(
+        default=None, description="CA bundle for SSL/SASL_SSL (default: the system's)."
+    )
+    request_timeout_ms: int = Field(
+        default=40000, ge=1000, description="Client request timeout (a group join waits this long)."
+    )
 
 
 class BrokerSettings(_Section):
     """The embedded Kafka-compatible broker (Tansu) for local use."""
 
-    host: str = "127.0.0.1"
+    host: str = Field(
+        default="127.0.0.1", description="Loopback address the embedded broker listens on."
+    )
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
-    startup_timeout_s: float = Field(default=20.0, gt=0)
+    startup_timeout_s: float = Field(
+        default=20.0, gt=0, description="How long to wait for the broker to answer metadata."
+    )
 
 
 class ModelSettings(_Section):
@@ -63,8 +75,8 @@ class ModelSettings(_Section):
 class ServeSettings(_Section):
     """The HTTP serving role."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1", description="HTTP listen address.")
+    port: int = Field(default=8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
     deadline_ms: float = Field(default=200.0, gt=0, description="Default latency budget.")
     intra_op_threads: int = Field(default=1, ge=1, description="onnxruntime intra-op threads.")
     intra_op_spinning: bool = Field(
@@ -98,15 +110,72 @@ class ServeSettings(_Section):
         default_factory=dict,
         description="Further masks: name -> regex; a match becomes [name] in events.",
     )
-    top_k: int = Field(default=3, ge=1)
-    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
-    max_text_chars: int = Field(default=2000, ge=1)
-    max_turns: int = Field(default=20, ge=1)
+    top_k: int = Field(default=3, ge=1, description="Ranked intents returned per answer.")
+    max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Larger request bodies get 413."
+    )
+    max_text_chars: int = Field(
+        default=2000, ge=1, description="Longest turn accepted (422 beyond; empty text is 422)."
+    )
+    max_turns: int = Field(default=20, ge=1, description="Most turns per request (422 beyond).")
     event_queue_size: int = Field(default=10000, ge=1, description="Bounded buffer toward Kafka.")
     feedback_tokens: dict[str, SecretStr] = Field(
         default_factory=dict, description="principal -> bearer token allowed to post feedback."
     )
-    admin_token: SecretStr | None = None
+    admin_token: SecretStr | None = Field(
+        default=None, description="Bearer token of /v1/admin/*; unset disables those routes."
+    )
+    keep_versions: int = Field(
+        default=3, ge=1, description="Verified models kept in memory, so a rollback is instant."
+    )
+    online_remember: int = Field(
+        default=50000, ge=1, description="Answers remembered to match against hard labels."
+    )
+    online_window: int = Field(
+        default=200, ge=1, description="Hard labels per version in its rolling online accuracy."
+    )
+    auto_rollback: bool = Field(
+        default=True, description="Roll back a version whose online accuracy falls clearly."
+    )
+    rollback_min_labels: int = Field(
+        default=50, ge=1, description="Labels both versions need before an automatic rollback."
+    )
+    rollback_margin: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Online accuracy drop below the predecessor's that triggers a rollback.",
+    )
+    feedback_unknown_request: Literal["accept", "reject"] = Field(
+        default="reject",
+        description=(
+            "Feedback on a request id this replica did not answer within the join window:"
+            " reject (404), or accept (several replicas behind one load balancer)."
+        ),
+    )
+    feedback_join_window_s: float = Field(
+        default=3600.0, gt=0, description="How long answered request ids are remembered."
+    )
+    feedback_known_requests: int = Field(
+        default=100_000, ge=1, description="Answered request ids remembered at most."
+    )
+    feedback_intent_admins: tuple[str, ...] = Field(
+        default=(),
+        description="Principals whose feedback may name an intent the model does not know.",
+    )
+    feedback_rate_per_s: float = Field(
+        default=50.0, gt=0, description="Feedback posts per second per principal (refill)."
+    )
+    feedback_burst: int = Field(
+        default=100, ge=1, description="Feedback posts a principal may send at once."
+    )
+    feedback_consume_raw: bool = Field(
+        default=False,
+        description="Also consume the feedback-raw topic inside serve.",
+    )
+    feedback_group_id: str = Field(
+        default="sd-feedback", description="Consumer group of the feedback-raw topic."
+    )
     drain_grace_s: float = Field(
         default=2.0,
         ge=0,
@@ -124,12 +193,18 @@ class ServeSettings(_Section):
 class TeacherSettings(_Section):
     """The teacher scorer role."""
 
-    teacher_id: str = "teacher"
-    batch_size: int = Field(default=16, ge=1)
-    batch_wait_ms: float = Field(default=50.0, ge=0)
-    threads: int = Field(default=1, ge=1)
-    emit_attention: bool = True
-    group_id: str = "sd-teacher"
+    teacher_id: str = Field(default="teacher", description="Names this teacher in its soft labels.")
+    batch_size: int = Field(default=16, ge=1, description="Requests scored per model call at most.")
+    batch_wait_ms: float = Field(default=50.0, ge=0, description="How long a batch waits to fill.")
+    threads: int = Field(
+        default=1, ge=1, description="torch threads (1 per role: more stall on small hosts)."
+    )
+    emit_attention: bool = Field(
+        default=True, description="Send the [CLS] attention vector for alignment."
+    )
+    group_id: str = Field(
+        default="sd-teacher", description="Consumer group shared by all teacher processes."
+    )
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="Serve /metrics on this port (None: off)."
     )
@@ -138,14 +213,19 @@ class TeacherSettings(_Section):
 class TrainerSettings(_Section):
     """The continual student trainer role."""
 
-    checkpoint_dir: Path = Path(".sd/trainer")
+    checkpoint_dir: Path = Field(
+        default=Path(".sd/trainer"),
+        description="Where the atomic checkpoint lives (keep it on a volume).",
+    )
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="Serve /metrics on this port (None: off)."
     )
-    batch_size: int = Field(default=32, ge=1)
-    lr: float = Field(default=3e-4, gt=0)
+    batch_size: int = Field(
+        default=32, ge=1, description="Examples per optimizer step (fresh + replayed)."
+    )
+    lr: float = Field(default=3e-4, gt=0, description="AdamW learning rate of the body.")
     alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the KD term.")
-    temperature: float = Field(default=2.0, gt=0)
+    temperature: float = Field(default=2.0, gt=0, description="Distillation temperature T.")
     strategy: Literal["online", "hard_only", "self"] = Field(
         default="online",
         description=(
@@ -162,15 +242,28 @@ class TrainerSettings(_Section):
     attention_weight: float = Field(
         default=0.1, ge=0, description="Weight of the [CLS] attention alignment term."
     )
-    publish_every_steps: int = Field(default=50, ge=1)
-    publish_every_s: float = Field(default=60.0, gt=0)
-    min_examples_to_train: int = Field(default=8, ge=1)
+    publish_every_steps: int = Field(
+        default=50, ge=1, description="Offer a candidate after this many steps..."
+    )
+    publish_every_s: float = Field(
+        default=60.0, gt=0, description="...or after this many seconds with new steps."
+    )
+    min_examples_to_train: int = Field(
+        default=8, ge=1, description="A step runs on fewer fresh examples only when idle."
+    )
     join_window: int = Field(default=50000, ge=1, description="Requests kept awaiting labels.")
-    threads: int = Field(default=1, ge=1)
+    threads: int = Field(
+        default=1, ge=1, description="torch threads (1 per role: more stall on small hosts)."
+    )
     freeze_word_embeddings: bool = Field(
         default=True, description="Keep the vocabulary matrix fixed (faster steps, small state)."
     )
-    holdout_fraction: float = Field(default=0.1, ge=0, lt=1)
+    holdout_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Share of request ids never trained on (the gate's test set).",
+    )
     replay_size: int = Field(default=5000, ge=0, description="Reservoir of past examples.")
     replay_ratio: float = Field(
         default=0.5, ge=0, lt=1, description="Share of each batch drawn from the reservoir."
@@ -195,7 +288,9 @@ class RegistrySettings(_Section):
     s3_access_key_id: str | None = Field(
         default=None, description="None: boto3's chain (AWS_* env, profile, IAM role)."
     )
-    s3_secret_access_key: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret key (default: the standard AWS chain)."
+    )
 
     @field_validator("root", mode="before")
     @classmethod

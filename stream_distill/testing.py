@@ -198,6 +198,12 @@ class RecordingHooks(Hooks):
     def on_consumer_lag(self, role: str, lag: int) -> None:
         self.calls.append(("on_consumer_lag", (role, lag)))
 
+    def on_rollback(self, from_version: str, to_version: str, reason: str) -> None:
+        self.calls.append(("on_rollback", (from_version, to_version, reason)))
+
+    def on_online_accuracy(self, version: str, accuracy: float, labels: int) -> None:
+        self.calls.append(("on_online_accuracy", (version, accuracy, labels)))
+
 
 @contextlib.asynccontextmanager
 async def serve_for_test(

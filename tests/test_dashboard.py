@@ -21,7 +21,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stream_distill.bus.base import Topics
 from stream_distill.bus.memory import MemoryBus
@@ -61,9 +61,6 @@ class FakeRoles:
 
     def __init__(self) -> None:
         self.hooks = PrometheusHooks()
-        self.online = Gauge(
-            "sd_online_accuracy", "Online accuracy.", ["version"], registry=self.hooks.registry
-        )
         app = FastAPI()
 
         @app.get("/metrics")
@@ -78,7 +75,7 @@ class FakeRoles:
         self.hooks.on_consumer_lag("trainer", 40 + (i * 7) % 25)
         self.hooks.on_consumer_lag("teacher", 10 + (i * 3) % 9)
         self.hooks.on_teacher_batch(3, 0.02)
-        self.online.labels("v2").set(min(0.95, 0.80 + 0.002 * i))
+        self.hooks.on_online_accuracy("v2", min(0.95, 0.80 + 0.002 * i), 10 * i)
 
 
 @contextlib.asynccontextmanager

@@ -25,8 +25,11 @@ from stream_distill.serving.runner import run_serve
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# These tests run serve without a model: no request id is ever answered, so accept unknown
+# ones (the request-id and intent policy is tested in test_feedback_policy.py).
 SETTINGS = ServeSettings(
-    feedback_tokens={"agent-desk": SecretStr(TOKEN), "annotators": SecretStr("other-token")}
+    feedback_tokens={"agent-desk": SecretStr(TOKEN), "annotators": SecretStr("other-token")},
+    feedback_unknown_request="accept",
 )
 
 
@@ -155,7 +158,9 @@ async def test_broker_failure_is_503_and_a_retry_succeeds(bus: MemoryBus, tmp_pa
 
 
 async def test_without_tokens_feedback_is_open_to_anonymous(bus: MemoryBus, tmp_path: Path) -> None:
-    async with client_for(bus, tmp_path, ServeSettings()) as client:
+    async with client_for(
+        bus, tmp_path, ServeSettings(feedback_unknown_request="accept")
+    ) as client:
         r = await client.post("/v1/feedback", json={"request_id": "r1", "intent": "refund"})
         assert r.status_code == 202
     assert [label.principal for label in labels_on(bus)] == ["anonymous"]

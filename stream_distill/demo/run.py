@@ -185,6 +185,7 @@ def _report(
     return {
         "requests": stats.requests,
         "failed_requests": stats.failed,
+        "retried_requests": stats.retried,
         "errors": dict(stats.errors),
         "teacher_scored": teacher_scored,
         "hard_labels": hard_labels,

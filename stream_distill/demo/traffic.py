@@ -6,12 +6,17 @@ import asyncio
 import random
 import time
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import numpy as np
 
 from stream_distill.data.synthetic import LabeledTurn, TrafficConfig, TrafficGenerator
+
+RETRIES = 3
+MAX_RETRY_WAIT_S = 1.0
 
 
 @dataclass
@@ -19,6 +24,7 @@ class TrafficStats:
     requests: int = 0
     failed: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    retried: int = 0
     feedback_sent: int = 0
     feedback_failed: int = 0
     latencies_ms: list[float] = field(default_factory=list)
@@ -70,7 +76,7 @@ class Chatbot:
         }
         t0 = time.perf_counter()
         try:
-            r = await client.post("/v1/classify", json=body)
+            r = await self._post_with_retry(client, body)
         except httpx.HTTPError as exc:
             self.stats.failed += 1
             self.stats.errors[type(exc).__name__] += 1
@@ -89,6 +95,20 @@ class Chatbot:
         self.stats.correct.append((time.monotonic(), out["intent"] == turn.intent))
         if self.rng.random() < self.feedback_fraction:
             await self._feedback(client, out["request_id"], turn.confirmed_intent)
+
+    async def _post_with_retry(
+        self, client: httpx.AsyncClient, body: Mapping[str, Any]
+    ) -> httpx.Response:
+        """Like a real chatbot: a refused request (429/503) is retried after ``Retry-After``."""
+        r = await client.post("/v1/classify", json=body)
+        for _ in range(RETRIES):
+            if r.status_code not in (429, 503):
+                break
+            self.stats.retried += 1
+            wait = min(float(r.headers.get("Retry-After", "0.1") or 0.1), MAX_RETRY_WAIT_S)
+            await asyncio.sleep(wait)
+            r = await client.post("/v1/classify", json=body)
+        return r
 
     async def _feedback(self, client: httpx.AsyncClient, request_id: str, intent: str) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}

@@ -28,6 +28,12 @@ class Hooks:
     def on_event_dropped(self, reason: str) -> None:
         """A request event could not be handed to the bus."""
 
+    def on_rollback(self, from_version: str, to_version: str, reason: str) -> None:
+        """Serving went back from ``from_version`` to a kept ``to_version``."""
+
+    def on_online_accuracy(self, version: str, accuracy: float, labels: int) -> None:
+        """Rolling accuracy of ``version``'s answers against hard labels (``labels`` so far)."""
+
     # feedback
     def on_feedback(self, result: str) -> None:
         """A feedback post ended (accepted, duplicate, unauthorized, invalid, ...)."""

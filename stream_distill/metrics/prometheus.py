@@ -75,6 +75,19 @@ class PrometheusHooks(Hooks):
         self.events_dropped = Counter(
             "sd_events_dropped", "Request events not handed to the bus.", ["reason"], registry=r
         )
+        self.rollbacks = Counter(
+            "sd_rollbacks", "Returns to an earlier kept version.", ["reason"], registry=r
+        )
+        self.online_accuracy = Gauge(
+            "sd_online_accuracy",
+            "Rolling accuracy of served answers against hard labels, per version (0..1).",
+            ["version"],
+            registry=r,
+        )
+        self.online_labels = Gauge(
+            "sd_online_labels", "Hard labels matched to answers, per version.", ["version"],
+            registry=r,
+        )  # fmt: skip
         # feedback
         self.feedback = Counter("sd_feedback", "Feedback posts by result.", ["result"], registry=r)
         # consumers
@@ -133,6 +146,13 @@ class PrometheusHooks(Hooks):
 
     def on_event_dropped(self, reason: str) -> None:
         self.events_dropped.labels(reason_label(reason)).inc()
+
+    def on_rollback(self, from_version: str, to_version: str, reason: str) -> None:
+        self.rollbacks.labels(reason_label(reason)).inc()
+
+    def on_online_accuracy(self, version: str, accuracy: float, labels: int) -> None:
+        self.online_accuracy.labels(version).set(accuracy)
+        self.online_labels.labels(version).set(labels)
 
     # feedback
     def on_feedback(self, result: str) -> None:

@@ -24,13 +24,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from stream_distill.errors import DeadlineExceeded, FeedbackUnavailable, NotReady, Overloaded
+from stream_distill.errors import (
+    DeadlineExceeded,
+    FeedbackRejected,
+    FeedbackUnavailable,
+    NotReady,
+    Overloaded,
+    RateLimited,
+)
 from stream_distill.feedback.collector import FeedbackCollector, FeedbackIn
 from stream_distill.metrics.prometheus import PrometheusHooks
+from stream_distill.serving.admin import admin_router
 from stream_distill.serving.dashboard import dashboard_router
 from stream_distill.serving.oip import oip_router
 from stream_distill.serving.schemas import ClassifyIn, Limits
-from stream_distill.serving.service import ClassifyResult, ServingCore
+from stream_distill.serving.service import ClassifyResult, LoadedVersion, ServingCore
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +123,31 @@ def _refusal(status: int, detail: str, retry_after_s: float) -> Response:
     return JSONResponse({"detail": detail}, status_code=status, headers={"Retry-After": retry})
 
 
+def _kept(core: ServingCore) -> list[dict[str, Any]]:
+    """Kept versions (a rollback can reach them instantly), with their online accuracy."""
+    loaded_at: dict[str, LoadedVersion] = {}
+    for v in core.verified:
+        loaded_at.setdefault(v.version, v)  # later entries of a version are rollbacks
+    rows = []
+    for kept in core.kept:
+        first = loaded_at.get(kept.version)
+        online = core.online.stats(kept.version)
+        rows.append(
+            {
+                "version": kept.version,
+                "sha256": kept.session.sha256,
+                "loaded_at": first.loaded_at.isoformat() if first else None,
+                "load_ms": round(first.load_s * 1e3, 1) if first else None,
+                "predecessor": kept.predecessor,
+                "serving": kept.version == core.version,
+                "pinned": core.pin is not None and core.pin.version == kept.version,
+                "online_accuracy": online.accuracy if online else None,
+                "online_labels": online.labels if online else 0,
+            }
+        )
+    return rows
+
+
 def create_app(
     core: ServingCore,
     feedback: FeedbackCollector | None = None,
@@ -170,12 +203,18 @@ def create_app(
                     headers={"WWW-Authenticate": "Bearer"},
                 )
             try:
+                feedback.admit(principal)
+            except RateLimited as exc:
+                return _refusal(429, str(exc), exc.retry_after_s)
+            try:
                 body = FeedbackIn.model_validate_json(await request.body())
             except ValidationError as exc:
                 hooks.on_feedback("invalid")
                 return JSONResponse({"detail": _errors(exc)}, status_code=422)
             try:
                 accepted = await feedback.submit(principal, body)
+            except FeedbackRejected as exc:
+                return JSONResponse({"detail": str(exc)}, status_code=exc.status)
             except FeedbackUnavailable as exc:
                 return JSONResponse(
                     {"detail": str(exc)}, status_code=503, headers={"Retry-After": RETRY_AFTER_S}
@@ -219,8 +258,18 @@ def create_app(
             }
             for v in core.verified
         ]
-        return JSONResponse({"serving": serving, "loaded": loaded, "rejected": core.rejected})
+        pin = core.pin
+        return JSONResponse(
+            {
+                "serving": serving,
+                "versions": _kept(core),
+                "pinned": None if pin is None else {"version": pin.version, "above": pin.above},
+                "loaded": loaded,
+                "rejected": core.rejected,
+            }
+        )
 
+    app.include_router(admin_router(core))
     app.include_router(oip_router(core))
     app.include_router(dashboard_router(core, metrics))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

@@ -21,6 +21,8 @@ from prometheus_client import CollectorRegistry
 from stream_distill.bus.base import Bus
 from stream_distill.config import ServeSettings
 from stream_distill.feedback.collector import FeedbackCollector
+from stream_distill.feedback.known import KnownRequests
+from stream_distill.feedback.raw import RawFeedbackConsumer
 from stream_distill.metrics.hooks import Hooks
 from stream_distill.metrics.prometheus import PrometheusHooks
 from stream_distill.registry.base import ModelStore
@@ -77,11 +79,24 @@ async def run_serve(
         )
         await core.start()
         stack.push_async_callback(core.aclose)
-        collector = (
-            FeedbackCollector(producer, core.topics, settings, hooks)
-            if producer is not None and feedback
-            else None
-        )
+        collector = None
+        if producer is not None and feedback:
+            known = KnownRequests(settings.feedback_known_requests, settings.feedback_join_window_s)
+            core.on_answer = known.record
+            collector = FeedbackCollector(
+                producer,
+                core.topics,
+                settings,
+                hooks,
+                known=known,
+                labels=lambda: core.session.labels if core.session is not None else None,
+            )
+            if bus is not None and settings.feedback_consume_raw:
+                raw = RawFeedbackConsumer(
+                    bus, collector, hooks, group_id=settings.feedback_group_id
+                )
+                await raw.start()
+                stack.push_async_callback(raw.aclose)
         app = create_app(core, collector, metrics=metrics)
         server = HttpServer(app, host or settings.host, settings.port if port is None else port)
         await server.start()

@@ -7,6 +7,11 @@ rebinds the attribute (the old session is freed when its last batch drops it).
 Candidates are loaded, sha256-checked and verified off the event loop; a failed
 one never replaces the serving model.
 
+The last ``keep_versions`` verified sessions stay in memory (:mod:`.versions`), so a
+rollback, by an operator or by :mod:`.online` when a new version's online accuracy
+drops, is the same reference swap. A rollback pins serve: the watcher skips every
+version up to the one rolled back from, until a newer one appears or ``unpin()``.
+
 Request events go through a bounded queue to a background publisher: when the
 queue is full or the bus fails, the event is dropped and counted, never turned
 into an HTTP error.
@@ -41,16 +46,18 @@ from stream_distill.events import RequestEvent, TopIntent, Turn, new_id, utc_now
 from stream_distill.metrics.hooks import Hooks
 from stream_distill.registry.base import ModelStore
 from stream_distill.serving.batcher import Batcher
+from stream_distill.serving.online import OnlineAccuracy
 from stream_distill.serving.redact import Redactor, redact
 from stream_distill.serving.session import StudentSession
-from stream_distill.serving.watcher import ModelWatcher
+from stream_distill.serving.versions import KeptVersions, Pin
+from stream_distill.serving.watcher import ModelWatcher, version_number
 
 log = logging.getLogger(__name__)
 
 KEEP_HISTORY = 100
 """Swapped-in versions remembered for ``/v1/models``."""
 
-__all__ = ["ClassifyResult", "LoadedVersion", "ServingCore", "redact"]
+__all__ = ["ClassifyResult", "LoadedVersion", "Pin", "ServingCore", "redact"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +121,25 @@ class ServingCore:
         self._queue: asyncio.Queue[RequestEvent] = asyncio.Queue(settings.event_queue_size)
         self._publisher: asyncio.Task[None] | None = None
         self._loaded = asyncio.Event()
+        # (request_id, model_version, labels) of every answer: feedback checks against it
+        self.on_answer: Callable[[str, str, tuple[str, ...]], None] | None = None
+        self.kept = KeptVersions(settings.keep_versions)
+        self.pin: Pin | None = None
+        self.online = OnlineAccuracy(
+            settings,
+            self.hooks,
+            current=lambda: self.version,
+            predecessor=self.kept.predecessor,
+            rollback=lambda to, reason: self.rollback(to, reason)[0] != to,
+            bus=bus,
+            producer=producer,
+            topics=self.topics,
+        )
         self.watcher = ModelWatcher(
             registry,
             self.load_version,
             lambda: self.version,
-            lambda v: v in self.rejected,
+            lambda v: v in self.rejected or self.held_back(v),
             self.hooks,
             bus=bus,
             producer=producer,
@@ -159,11 +180,13 @@ class ServingCore:
         if self.producer is not None and self._publisher is None:
             self._publisher = asyncio.create_task(self._publish_events(), name="sd-events")
         self.batcher.start()
+        await self.online.start()
         await self.watcher.start()
 
     async def aclose(self, drain_timeout_s: float = 5.0) -> None:
         """Stop watching, give queued events ``drain_timeout_s`` to reach the bus, stop."""
         await self.watcher.aclose()
+        await self.online.aclose()
         await self.batcher.aclose()
         if self._publisher is not None:
             with contextlib.suppress(TimeoutError):
@@ -186,6 +209,8 @@ class ServingCore:
             current = self._session
             if current is not None and current.version == version:
                 return True
+            if self.held_back(version):  # announced again after a rollback from it
+                return False
             t0 = self._clock()
             try:
                 session = await asyncio.to_thread(self._build, version, expected_sha256)
@@ -197,6 +222,10 @@ class ServingCore:
                 )
                 self.hooks.on_swap(version, self._clock() - t0, ok=False, reason=reason)
                 return False
+            if self.held_back(version):  # a rollback landed while it was loading
+                return False
+            self.kept.add(session, self.version, serving=version)
+            self.pin = None  # a version newer than the pinned ceiling ends the pin
             self._session = session
             took = self._clock() - t0
             self.rejected.pop(version, None)
@@ -206,6 +235,42 @@ class ServingCore:
             self.hooks.on_model_serving(version)
             self._loaded.set()
             return True
+
+    def held_back(self, version: str) -> bool:
+        """True while a rollback pin keeps the watcher from ``version``."""
+        pin = self.pin
+        return pin is not None and version_number(version) <= version_number(pin.above)
+
+    def rollback(self, to_version: str | None = None, reason: str = "manual") -> tuple[str, str]:
+        """Serve the kept ``to_version`` (default: the serving one's predecessor) and pin it.
+
+        Returns ``(from, to)``. Raises :class:`NotReady` with no model, LookupError when
+        the version is not kept (or there is no predecessor to return to).
+        """
+        current = self._session
+        if current is None:
+            raise NotReady("no model loaded yet")
+        target = to_version or self.kept.predecessor(current.version)
+        if target is None:
+            raise LookupError(f"{current.version} has no kept predecessor")
+        kept = self.kept.get(target)
+        if kept is None:
+            raise LookupError(f"{target} is not kept (kept: {[k.version for k in self.kept]})")
+        if target == current.version:
+            return target, target
+        ceiling = (current.version,) if self.pin is None else (current.version, self.pin.above)
+        self.pin = Pin(target, max(ceiling, key=version_number), reason)
+        self._session = s = kept.session
+        self.verified.append(LoadedVersion(s.version, s.sha256, s.labels, 0.0))
+        log.warning("rolled back from %s to %s: %s", current.version, target, reason)
+        self.hooks.on_rollback(current.version, target, reason)
+        self.hooks.on_model_serving(target)
+        return current.version, target
+
+    def unpin(self) -> Pin | None:
+        """Let the watcher move forward again (to the newest loadable version)."""
+        pin, self.pin = self.pin, None
+        return pin
 
     def _build(self, version: str, expected_sha256: str | None) -> StudentSession:
         mv = self.registry.load(version)  # verifies every file against the manifest
@@ -247,6 +312,9 @@ class ServingCore:
         result = _summarise(answer.probs, session, self.settings.top_k, latency_ms, budget)
         outcome = "deadline" if result.deadline_missed else "ok"
         self.hooks.on_request(outcome, result.latency_ms, session.version)
+        self.online.remember(result.request_id, session.version, result.intent)
+        if self.on_answer is not None:
+            self.on_answer(result.request_id, session.version, session.labels)
         if self._publisher is not None:
             self._enqueue(result, turns, conversation_id or result.request_id)
         return result

@@ -158,6 +158,11 @@ class Learner:
         )
         ce = hard_ce(logits, targets)
         has_kd, has_ce = bool(rows), bool((targets != IGNORE).any())
+        if not (has_kd or has_ce or use_att):
+            # Nothing in this batch teaches anything (e.g. soft labels over a foreign label
+            # set): no step at all, or AdamW's weight decay would still move the weights.
+            zero = {"total": 0.0, "kd": 0.0, "ce": 0.0, "attention": 0.0}
+            return {**zero, "seconds": time.perf_counter() - t0}
         # With only one kind of label in the batch, that kind carries the whole weight.
         alpha = self.settings.alpha if (has_kd and has_ce) else (1.0 if has_kd else 0.0)
         loss = combined(kd, ce, alpha)
