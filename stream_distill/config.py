@@ -137,11 +137,13 @@ class ServeSettings(_Section):
     auto_rollback: bool = Field(
         default=True, description="Roll back a version whose online accuracy falls clearly."
     )
+    # Two versions are scored on different slices of traffic: with 200 labels each, a
+    # 0.08 gap is about 2.5 standard errors of the difference, not noise.
     rollback_min_labels: int = Field(
-        default=50, ge=1, description="Labels both versions need before an automatic rollback."
+        default=200, ge=1, description="Labels both versions need before an automatic rollback."
     )
     rollback_margin: float = Field(
-        default=0.05,
+        default=0.08,
         ge=0,
         le=1,
         description="Online accuracy drop below the predecessor's that triggers a rollback.",
