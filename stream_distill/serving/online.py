@@ -13,18 +13,16 @@ many labels), ``rollback(to, reason)`` is called.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from stream_distill.bus.base import Bus, Producer, Record, Topics, dead_letter
-from stream_distill.bus.codec import decode
+from stream_distill.bus.base import Bus, Producer, Record, Topics
 from stream_distill.config import ServeSettings
-from stream_distill.errors import PoisonRecord
 from stream_distill.events import HardLabel
 from stream_distill.metrics.hooks import Hooks
+from stream_distill.serving.tail import decode_or_park, tail_topic
 
 log = logging.getLogger(__name__)
 
@@ -144,46 +142,12 @@ class OnlineAccuracy:
 
     async def _consume(self) -> None:
         assert self.bus is not None
-        topic = self.topics.hard_labels
-        backoff = 0.5
-        while True:
-            consumer = self.bus.consumer([topic], group_id=None, offset_reset="latest")
-            try:
-                with contextlib.suppress(Exception):  # serve may lack the right to create it
-                    await self.bus.ensure_topics([topic])
-                await consumer.start()
-                if not consumer.assignment():
-                    raise RuntimeError(f"topic {topic} has no partitions yet")
-                backoff = 0.5
-                timeout_ms = 200  # a first fetch makes a lazy client resolve "latest" now
-                while True:
-                    records = await consumer.getmany(timeout_ms=timeout_ms)
-                    self.positioned.set()
-                    timeout_ms = 1000
-                    for record in records:
-                        await self._on_record(record)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("hard-labels consumer failed (%s); retrying in %.1fs", exc, backoff)
-            finally:
-                with contextlib.suppress(Exception):
-                    await consumer.aclose()
-            self.positioned.set()  # nobody should wait on a broken bus
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+        await tail_topic(self.bus, self.topics.hard_labels, self._on_record, self.positioned)
 
     async def _on_record(self, record: Record) -> None:
-        try:
-            label = decode(HardLabel, record.value)
-        except PoisonRecord as exc:
-            reason = str(exc)
-            log.warning("poison record %s@%d: %s", record.tp, record.offset, reason)
-            self.hooks.on_dead_letter(record.topic, reason)
-            if self.producer is not None:
-                try:
-                    await dead_letter(self.producer, self.topics.dead_letters, record, reason)
-                except Exception:
-                    log.exception("could not write a dead letter")
+        label = await decode_or_park(
+            HardLabel, record, self.hooks, self.producer, self.topics.dead_letters
+        )
+        if label is None:
             return
         self.observe(label)

@@ -10,16 +10,14 @@ versions already rejected by the poll.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from stream_distill.bus.base import Bus, Producer, Record, Topics, dead_letter
-from stream_distill.bus.codec import decode
-from stream_distill.errors import PoisonRecord
+from stream_distill.bus.base import Bus, Producer, Record, Topics
 from stream_distill.events import ModelPublished
 from stream_distill.metrics.hooks import Hooks
 from stream_distill.registry.base import ModelStore
+from stream_distill.serving.tail import decode_or_park, tail_topic
 
 log = logging.getLogger(__name__)
 
@@ -99,47 +97,13 @@ class ModelWatcher:
 
     async def _consume(self) -> None:
         assert self.bus is not None
-        topic = self.topics.models
-        backoff = 0.5
-        while True:
-            consumer = self.bus.consumer([topic], group_id=None, offset_reset="latest")
-            try:
-                with contextlib.suppress(Exception):  # serve may lack the right to create it
-                    await self.bus.ensure_topics([topic])
-                await consumer.start()
-                if not consumer.assignment():
-                    raise RuntimeError(f"topic {topic} has no partitions yet")
-                backoff = 0.5
-                timeout_ms = 200  # a first fetch makes a lazy client resolve "latest" now
-                while True:
-                    records = await consumer.getmany(timeout_ms=timeout_ms)
-                    self.positioned.set()
-                    timeout_ms = 1000
-                    for record in records:
-                        await self._on_record(record)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("models consumer failed (%s); retrying in %.1fs", exc, backoff)
-            finally:
-                with contextlib.suppress(Exception):
-                    await consumer.aclose()
-            self.positioned.set()  # nobody should wait on a broken bus
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+        await tail_topic(self.bus, self.topics.models, self._on_record, self.positioned)
 
     async def _on_record(self, record: Record) -> None:
-        try:
-            event = decode(ModelPublished, record.value)
-        except PoisonRecord as exc:
-            reason = str(exc)
-            log.warning("poison record %s@%d: %s", record.tp, record.offset, reason)
-            self.hooks.on_dead_letter(record.topic, reason)
-            if self.producer is not None:
-                try:
-                    await dead_letter(self.producer, self.topics.dead_letters, record, reason)
-                except Exception:
-                    log.exception("could not write a dead letter")
+        event = await decode_or_park(
+            ModelPublished, record, self.hooks, self.producer, self.topics.dead_letters
+        )
+        if event is None:
             return
         if self.is_newer(event.version):
             await self._load(event.version, event.sha256)
