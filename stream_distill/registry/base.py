@@ -159,3 +159,45 @@ def parse_manifest(version: str, data: bytes) -> dict[str, Any]:
 
 def next_after(latest: str | None) -> str:
     return f"v{int(latest[1:]) + 1 if latest else 1}"
+
+
+class VersionedStore:
+    """What both stores share: numbering and the preparation of a publish.
+
+    A subclass lists versions, loads them, and writes one prepared version with
+    ``_write`` (atomically: a reader sees all of it or none of it).
+    """
+
+    def list_versions(self) -> list[str]:
+        raise NotImplementedError
+
+    def latest(self) -> str | None:
+        versions = self.list_versions()
+        return versions[-1] if versions else None
+
+    def next_version(self) -> str:
+        return next_after(self.latest())
+
+    def publish(
+        self,
+        model: bytes,
+        labels: tuple[str, ...],
+        tokenizer_json: str,
+        *,
+        parent: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        max_length: int = 64,
+        version: str | None = None,
+    ) -> ModelVersion:
+        """Write a new version and return it."""
+        version = version or self.next_version()
+        check_version_name(version)
+        files = version_files(model, labels, tokenizer_json)
+        manifest = build_manifest(
+            version, files, labels, parent=parent, metrics=metrics, max_length=max_length
+        )
+        self._write(version, files, json.dumps(manifest).encode())
+        return ModelVersion(version, model, labels, tokenizer_json, manifest)
+
+    def _write(self, version: str, files: dict[str, bytes], manifest: bytes) -> None:
+        raise NotImplementedError

@@ -20,7 +20,6 @@ come from settings or, when unset, from boto3's usual chain (env, profile, IAM r
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from stream_distill.config import RegistrySettings
@@ -28,13 +27,11 @@ from stream_distill.errors import RegistryError
 from stream_distill.registry.base import (
     MANIFEST_FILE,
     ModelVersion,
-    build_manifest,
+    VersionedStore,
     check_version_name,
-    next_after,
     parse_manifest,
     sort_versions,
     verified,
-    version_files,
 )
 
 if TYPE_CHECKING:
@@ -80,7 +77,7 @@ def make_client(settings: RegistrySettings) -> S3Client:
     )
 
 
-class S3Registry:
+class S3Registry(VersionedStore):
     """Versions ``v1, v2, ...`` under ``s3://bucket/prefix``; one writer, many readers."""
 
     def __init__(self, client: S3Client, bucket: str, prefix: str = "") -> None:
@@ -118,31 +115,8 @@ class S3Registry:
             raise RegistryError(f"cannot list {self.uri('')}: {exc}") from exc
         return sort_versions(names)
 
-    def latest(self) -> str | None:
-        versions = self.list_versions()
-        return versions[-1] if versions else None
-
-    def next_version(self) -> str:
-        return next_after(self.latest())
-
-    def publish(
-        self,
-        model: bytes,
-        labels: tuple[str, ...],
-        tokenizer_json: str,
-        *,
-        parent: str | None = None,
-        metrics: Mapping[str, Any] | None = None,
-        max_length: int = 64,
-        version: str | None = None,
-    ) -> ModelVersion:
+    def _write(self, version: str, files: dict[str, bytes], manifest: bytes) -> None:
         """Upload the files, then the manifest that makes the version exist."""
-        version = version or self.next_version()
-        check_version_name(version)
-        files = version_files(model, labels, tokenizer_json)
-        manifest = build_manifest(
-            version, files, labels, parent=parent, metrics=metrics, max_length=max_length
-        )
         if self._exists(self._key(version, MANIFEST_FILE)):
             raise RegistryError(f"version {version} already exists")
         try:
@@ -151,12 +125,11 @@ class S3Registry:
             self.client.put_object(
                 Bucket=self.bucket,
                 Key=self._key(version, MANIFEST_FILE),
-                Body=json.dumps(manifest).encode(),
+                Body=manifest,
                 ContentType="application/json",
             )
         except self._s3_errors as exc:
             raise RegistryError(f"publishing {self.uri(version)} failed: {exc}") from exc
-        return ModelVersion(version, model, labels, tokenizer_json, manifest)
 
     def load(self, version: str) -> ModelVersion:
         """Read a version and verify every file against its manifest."""

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +28,12 @@ from stream_distill.registry.base import (
     MODEL_FILE,
     TOKENIZER_FILE,
     ModelVersion,
-    build_manifest,
+    VersionedStore,
     check_version_name,
-    next_after,
     parse_manifest,
     sha256_bytes,
     sort_versions,
     verified,
-    version_files,
 )
 
 # Older imports name these from here.
@@ -59,7 +56,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class Registry:
+class Registry(VersionedStore):
     """Versions ``v1, v2, ...`` under ``root``; one writer, many readers."""
 
     def __init__(self, root: Path) -> None:
@@ -74,37 +71,14 @@ class Registry:
             return []
         return sort_versions([p.name for p in self.versions_dir.iterdir()])
 
-    def latest(self) -> str | None:
-        versions = self.list_versions()
-        return versions[-1] if versions else None
-
-    def next_version(self) -> str:
-        return next_after(self.latest())
-
-    def publish(
-        self,
-        model: bytes,
-        labels: tuple[str, ...],
-        tokenizer_json: str,
-        *,
-        parent: str | None = None,
-        metrics: Mapping[str, Any] | None = None,
-        max_length: int = 64,
-        version: str | None = None,
-    ) -> ModelVersion:
-        """Write a new version atomically and return it."""
-        version = version or self.next_version()
-        check_version_name(version)
-        files = version_files(model, labels, tokenizer_json)
-        manifest = build_manifest(
-            version, files, labels, parent=parent, metrics=metrics, max_length=max_length
-        )
+    def _write(self, version: str, files: dict[str, bytes], manifest: bytes) -> None:
+        """Stage every file (fsynced) in tmp/, then rename the folder into versions/."""
         tmp_root = self.root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f"{version}.", dir=tmp_root))
         try:
-            for name, data in (*files.items(), (MANIFEST_FILE, json.dumps(manifest).encode())):
+            for name, data in (*files.items(), (MANIFEST_FILE, manifest)):
                 with open(staging / name, "wb") as fh:
                     fh.write(data)
                     fh.flush()
@@ -116,7 +90,6 @@ class Registry:
             _fsync_dir(self.versions_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return ModelVersion(version, model, labels, tokenizer_json, manifest)
 
     def load(self, version: str) -> ModelVersion:
         """Read a version and verify every file against its manifest."""
