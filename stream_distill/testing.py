@@ -212,12 +212,15 @@ async def serve_for_test(
     *,
     hooks: Hooks | None = None,
     poll_interval_s: float = 0.1,
+    wait_model: bool = True,
     **settings: Any,
 ) -> AsyncIterator[tuple[RunningServe, httpx.AsyncClient]]:
     """serve on a free loopback port plus an HTTP client for it.
 
     With a ``bus`` it returns once the models consumer holds its position, so a
-    ``ModelPublished`` sent afterwards is heard.
+    ``ModelPublished`` sent afterwards is heard. With ``wait_model`` and a version
+    in the registry it also waits (up to 20 s) for the first model to load, so a
+    loaded test machine does not see the 503 of a still-loading serve.
     """
     import httpx
 
@@ -238,6 +241,8 @@ async def serve_for_test(
     ):
         if bus is not None:
             await asyncio.wait_for(serve.core.watcher.positioned.wait(), 20.0)
+        if wait_model and registry.latest() is not None:
+            await serve.core.wait_ready(20.0)
         yield serve, client
 
 

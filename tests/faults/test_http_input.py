@@ -110,6 +110,7 @@ async def test_oversized_bodies_are_413(registry: Registry) -> None:
         ]
         near = json.dumps({"turns": turns}).encode()
         assert 3800 < len(near) <= 4096
+        assert await serve.core.wait_ready(10)
         ok = await client.post(
             "/v1/classify", content=near, headers={"content-type": "application/json"}
         )
