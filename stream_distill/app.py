@@ -137,6 +137,8 @@ async def run_teacher(settings: Settings, teacher_dir: Path) -> None:
     from stream_distill.models.factory import set_threads
     from stream_distill.teacher.model import TeacherModel
     from stream_distill.teacher.scorer import TeacherScorer
+    from stream_distill.teacher.store import TeacherStore
+    from stream_distill.teacher.swap import TeacherSwapper
 
     set_threads(settings.teacher.threads)
     model = await asyncio.to_thread(
@@ -146,7 +148,48 @@ async def run_teacher(settings: Settings, teacher_dir: Path) -> None:
     await bus.ensure_topics()
     stop = stop_on_signals()
     hooks = role_hooks(settings.teacher.metrics_port)
-    await TeacherScorer(bus, model, settings.teacher, hooks).run(stop)
+    scorer = TeacherScorer(bus, model, settings.teacher, hooks)
+    # Follows the teacher updater: newer verified versions are swapped in between batches.
+    swapper = TeacherSwapper(
+        TeacherStore(teacher_store_dir(settings)),
+        model,
+        scorer.offer,
+        bus=bus,
+        hooks=hooks,
+        poll_interval_s=settings.teacher.store_poll_s,
+    )
+    async with swapper:
+        await scorer.run(stop)
+
+
+def teacher_store_dir(settings: Settings) -> Path:
+    """The versioned teacher store the updater writes and every scorer follows."""
+    return settings.teacher.store_dir or settings.data_dir / "teacher-store"
+
+
+async def run_teacher_updater(settings: Settings, teacher_dir: Path | None) -> None:
+    """Tune the teacher on hard labels; ``teacher_dir`` seeds an empty store."""
+    from stream_distill.models.factory import set_threads
+    from stream_distill.teacher.model import TeacherModel
+    from stream_distill.teacher.store import TeacherStore
+    from stream_distill.teacher.updater import TeacherUpdater
+
+    set_threads(settings.teacher.threads)
+    base = None
+    if teacher_dir is not None:
+        base = await asyncio.to_thread(
+            TeacherModel.load, teacher_dir, teacher_id=settings.teacher.teacher_id
+        )
+    bus = make_bus(settings)
+    await bus.ensure_topics()
+    updater = TeacherUpdater(
+        bus,
+        TeacherStore(teacher_store_dir(settings)),
+        settings.teacher,
+        base=base,
+        hooks=role_hooks(settings.teacher.metrics_port),
+    )
+    await updater.run(stop_on_signals())
 
 
 # -- trainer ---------------------------------------------------------------------------------
@@ -155,7 +198,7 @@ async def run_trainer(settings: Settings, teacher_dir: Path) -> None:
     from stream_distill.registry import open_registry
     from stream_distill.teacher.model import TeacherModel
     from stream_distill.trainer.build import learner_from_teacher
-    from stream_distill.trainer.loop import Trainer
+    from stream_distill.trainer.loop import Trainer, round_on_signal
 
     set_threads(settings.trainer.threads)
     teacher = await asyncio.to_thread(TeacherModel.load, teacher_dir)
@@ -170,4 +213,5 @@ async def run_trainer(settings: Settings, teacher_dir: Path) -> None:
         role_hooks(settings.trainer.metrics_port),
     )
     del teacher  # the trainer needs only the student from here on
+    round_on_signal(trainer)  # SIGUSR1: train an offline round now
     await trainer.run(stop_on_signals())

@@ -14,6 +14,7 @@ from pathlib import Path
 from stream_distill.config import Settings
 
 TEACHERS = "teachers"
+SERVES = ("serve", "teacher-serve")  # commands that take serve's --host/--port and settings
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
 
+    p = sub.add_parser("teacher-serve", help="serve's HTTP API over the torch teacher")
+    _common(p)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument(
+        "--teacher",
+        "--teacher-dir",
+        dest="teacher",
+        required=True,
+        help="a bootstrapped teacher directory, or any HF sequence-classification name/path",
+    )
+
     p = sub.add_parser("feedback", help="consume the feedback-raw topic into hard labels")
     _common(p)
 
@@ -45,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what)
         _common(p)
         p.add_argument("--teacher-dir", type=Path, required=True, help="a bootstrapped teacher")
+
+    p = sub.add_parser("teacher-updater", help="tune the teacher on hard labels, version it")
+    _common(p)
+    p.add_argument("--teacher-dir", type=Path, help="seeds an empty teacher store")
 
     p = sub.add_parser("bootstrap-teacher", help="fine-tune the teacher on labelled data")
     _common(p)
@@ -85,8 +102,8 @@ def _settings(args: argparse.Namespace) -> Settings:
             "data_dir": args.data_dir,
             "registry.root": args.registry or (data_dir / "registry" if local_registry else None),
             "trainer.checkpoint_dir": data_dir / "trainer" if args.data_dir else None,
-            "serve.host": getattr(args, "host", None) if args.cmd == "serve" else None,
-            "serve.port": getattr(args, "port", None) if args.cmd == "serve" else None,
+            "serve.host": getattr(args, "host", None) if args.cmd in SERVES else None,
+            "serve.port": getattr(args, "port", None) if args.cmd in SERVES else None,
         },
     )
 
@@ -98,10 +115,15 @@ def _logging(args: argparse.Namespace) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def _broker(args: argparse.Namespace) -> int:
+def _broker(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_distill.bus.base import Topics
     from stream_distill.bus.broker import EmbeddedBroker
 
-    with EmbeddedBroker(args.host, args.port) as b:
+    # The topics exist from the start, so clients that outlive a broker restart find them.
+    topics = Topics(settings.kafka.topic_prefix).all()
+    with EmbeddedBroker(
+        args.host, args.port, topics=topics, partitions=settings.kafka.partitions
+    ) as b:
         print(f"broker ready on {b.bootstrap} (memory only: a restart loses the data)", flush=True)
         try:
             while True:
@@ -131,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     settings = _settings(args)
     if args.cmd == "broker":
-        return _broker(args)
+        return _broker(args, settings)
     if args.cmd == "bootstrap-teacher":
         return _bootstrap_teacher(args, settings)
     if args.cmd == "demo":
@@ -145,13 +167,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stream_distill import app
 
     if args.cmd == "serve":
-        asyncio.run(app.run_serve(settings))
+        from stream_distill.serving.http import run as run_http  # uvloop where installed
+
+        run_http(app.run_serve(settings))
+    elif args.cmd == "teacher-serve":
+        from stream_distill.serving.http import run as run_http
+        from stream_distill.teacher.serve import teacher_serve
+
+        run_http(teacher_serve(settings, args.teacher))
     elif args.cmd == "feedback":
         asyncio.run(app.run_feedback(settings))
     elif args.cmd == "teacher":
         asyncio.run(app.run_teacher(settings, args.teacher_dir))
     elif args.cmd == "trainer":
         asyncio.run(app.run_trainer(settings, args.teacher_dir))
+    elif args.cmd == "teacher-updater":
+        asyncio.run(app.run_teacher_updater(settings, args.teacher_dir))
     return 0
 
 

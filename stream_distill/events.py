@@ -8,8 +8,11 @@ reject records written by an incompatible producer instead of misreading them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Literal
 
@@ -36,6 +39,11 @@ def utc_now() -> datetime:
 def new_id() -> str:
     """A fresh random identifier (hex UUID4)."""
     return uuid.uuid4().hex
+
+
+def label_set_version(labels: Sequence[str]) -> str:
+    """``SoftLabel.label_set_version``: short sha256 of the label list, order included."""
+    return hashlib.sha256(json.dumps(list(labels)).encode()).hexdigest()[:12]
 
 
 class _Frozen(BaseModel):
@@ -163,6 +171,26 @@ class ModelPublished(Event):
     parent: str | None = Field(default=None, description="Version this one was trained from.")
 
 
+class TeacherPublished(Event):
+    """A new teacher version is in the teacher store; every scorer should swap to it."""
+
+    kind: ClassVar[str] = "teacher-model"
+    version: str = Field(min_length=1, description="Store version (folder under versions/).")
+    teacher_id: str = Field(min_length=1, description="Which teacher (as in its soft labels).")
+    teacher_version: str = Field(
+        min_length=1, description="Weights version the soft labels will carry."
+    )
+    uri: str = Field(description="Where the version lives (teacher store URI).")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of manifest.json.")
+    labels: tuple[str, ...] = Field(min_length=1, description="Label list (logit order).")
+    label_set_version: str = Field(description="Hash of ``labels``.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Validation figures that justified the update."
+    )
+    parent: str | None = Field(default=None, description="Version this one was tuned from.")
+    reason: str = Field(default="", description="What triggered the update.")
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
-    t.kind: t for t in (RequestEvent, SoftLabel, HardLabel, ModelPublished)
+    t.kind: t for t in (RequestEvent, SoftLabel, HardLabel, ModelPublished, TeacherPublished)
 }

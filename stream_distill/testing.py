@@ -156,6 +156,19 @@ async def eventually(
         await asyncio.sleep(every_s)
 
 
+class FakeClock:
+    """A monotonic clock that moves only when told: pass ``clock`` where ``time.monotonic`` goes."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class RecordingHooks(Hooks):
     """Hooks that remember every call as ``(hook name, args)``, for assertions."""
 
@@ -189,6 +202,21 @@ class RecordingHooks(Hooks):
     def on_teacher_batch(self, size: int, seconds: float) -> None:
         self.calls.append(("on_teacher_batch", (size, seconds)))
 
+    def on_teacher_sampling(self, reason: str, count: int) -> None:
+        self.calls.append(("on_teacher_sampling", (reason, count)))
+
+    def on_teacher_sampling_rate(self, rate: float) -> None:
+        self.calls.append(("on_teacher_sampling_rate", (rate,)))
+
+    def on_teacher_in_flight(self, count: int) -> None:
+        self.calls.append(("on_teacher_in_flight", (count,)))
+
+    def on_teacher_update(self, reason: str, accepted: bool, seconds: float) -> None:
+        self.calls.append(("on_teacher_update", (reason, accepted, seconds)))
+
+    def on_teacher_swap(self, version: str, ok: bool, reason: str = "") -> None:
+        self.calls.append(("on_teacher_swap", (version, ok, reason)))
+
     def on_train_step(self, losses: Mapping[str, float], examples: int, seconds: float) -> None:
         self.calls.append(("on_train_step", (dict(losses), examples, seconds)))
 
@@ -198,11 +226,20 @@ class RecordingHooks(Hooks):
     def on_consumer_lag(self, role: str, lag: int) -> None:
         self.calls.append(("on_consumer_lag", (role, lag)))
 
+    def on_teacher_weights(self, weights: Mapping[str, float]) -> None:
+        self.calls.append(("on_teacher_weights", (dict(weights),)))
+
+    def on_offline_record(self, examples: int) -> None:
+        self.calls.append(("on_offline_record", (examples,)))
+
     def on_rollback(self, from_version: str, to_version: str, reason: str) -> None:
         self.calls.append(("on_rollback", (from_version, to_version, reason)))
 
     def on_online_accuracy(self, version: str, accuracy: float, labels: int) -> None:
         self.calls.append(("on_online_accuracy", (version, accuracy, labels)))
+
+    def on_cascade(self, outcome: str, teacher_ms: float | None) -> None:
+        self.calls.append(("on_cascade", (outcome, teacher_ms)))
 
 
 @contextlib.asynccontextmanager

@@ -20,6 +20,7 @@ from stream_distill.events import (
     ModelPublished,
     RequestEvent,
     SoftLabel,
+    TeacherPublished,
     TopIntent,
     Turn,
     new_id,
@@ -85,7 +86,25 @@ def _published(**kw: Any) -> ModelPublished:
     return ModelPublished(**base)
 
 
-SAMPLES: list[Event] = [_request(), _soft(), _hard(), _published()]
+def _teacher_published(**kw: Any) -> TeacherPublished:
+    base: dict[str, Any] = dict(
+        ts=TS,
+        version="v2",
+        teacher_id="teacher",
+        teacher_version="t-0123456789ab",
+        uri="file:///store/versions/v2",
+        sha256="cd" * 32,
+        labels=("greet", "refund", "promo"),
+        label_set_version="abcdef012345",
+        metrics={"old_accuracy": 0.9, "new_intent_recall": 0.75},
+        parent="v1",
+        reason="new_intent:promo",
+    )
+    base.update(kw)
+    return TeacherPublished(**base)
+
+
+SAMPLES: list[Event] = [_request(), _soft(), _hard(), _published(), _teacher_published()]
 
 
 def _raw(event: Event) -> dict[str, Any]:
@@ -114,7 +133,7 @@ def test_round_trip_every_event_type(event: Event) -> None:
 
 def test_every_event_type_has_a_sample() -> None:
     assert {type(e) for e in SAMPLES} == set(EVENT_TYPES.values())
-    assert set(EVENT_TYPES) == {"request", "soft-label", "hard-label", "model"}
+    assert set(EVENT_TYPES) == {"request", "soft-label", "hard-label", "model", "teacher-model"}
 
 
 def test_round_trip_keeps_optional_fields_and_defaults() -> None:

@@ -15,7 +15,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 def test_compose_parses_and_every_role_command_is_valid() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"kafka", "serve", "teacher", "trainer"} <= set(services)
+    assert {"kafka", "serve", "teacher", "teacher-updater", "trainer"} <= set(services)
     parser = _parser()
     for name, svc in services.items():
         if not svc["image"].startswith("stream-distill"):
@@ -23,11 +23,15 @@ def test_compose_parses_and_every_role_command_is_valid() -> None:
         cmd = svc["command"]
         assert cmd[0] == "stream-distill", name
         args = parser.parse_args(cmd[1:])  # exits (fails the test) on an unknown flag
-        assert args.cmd in {"serve", "teacher", "trainer", "bootstrap-teacher"}
+        assert args.cmd in {"serve", "teacher", "teacher-updater", "trainer", "bootstrap-teacher"}
         env = svc.get("environment", {})
         if args.cmd != "bootstrap-teacher":
             assert env.get("SD_KAFKA__BOOTSTRAP_SERVERS") == "kafka:9092", name
     assert services["serve"]["image"].endswith("-serve")  # the image without torch
+    # The updater writes the teacher store every scorer follows: both name the same one.
+    store = services["teacher-updater"]["environment"]["SD_TEACHER__STORE_DIR"]
+    assert services["teacher"]["environment"]["SD_TEACHER__STORE_DIR"] == store
+    assert any(v.endswith(":/teacher") for v in services["teacher-updater"]["volumes"])
 
 
 def test_serve_image_carries_no_torch() -> None:

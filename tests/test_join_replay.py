@@ -11,7 +11,7 @@ import pytest
 
 from stream_distill.events import HardLabel, RequestEvent, SoftLabel, Turn
 from stream_distill.trainer.join import Example, JoinState, JoinStats
-from stream_distill.trainer.replay import ReplayBuffer
+from stream_distill.trainer.replay import ClassBalancedReplay, ReplayBuffer, make_replay
 
 TS = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
 LABELS = ("greet", "refund", "cancel")
@@ -483,3 +483,74 @@ def test_buffer_json_round_trip_reproduces_future_samples() -> None:
     assert twin.to_json() == buf.to_json()
     twin.add(twin.items[0])  # the index was rebuilt: a known id refreshes, it is not new
     assert twin.seen == buf.seen
+
+
+# -- class-balanced replay -------------------------------------------------------------------
+
+
+def _skewed_stream(n: int, seed: int = 0) -> list[Example]:
+    """90 % "greet", the rest shared by "refund" and "cancel" (hard labels)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        r = rng.random()
+        out.append(_ex(i, hard="greet" if r < 0.9 else ("refund" if r < 0.95 else "cancel")))
+    return out
+
+
+def test_class_balanced_keeps_a_share_for_rare_classes() -> None:
+    stream = _skewed_stream(2000)
+    rare_total = sum(ex.hard != "greet" for ex in stream)
+    uniform, balanced = ReplayBuffer(60, seed=1), ClassBalancedReplay(60, seed=1)
+    for ex in stream:
+        uniform.add(ex)
+        balanced.add(ex)
+        assert len(balanced) <= 60
+    assert balanced.counts() == {"greet": 20, "refund": 20, "cancel": 20}
+    assert sum(ex.hard != "greet" for ex in uniform.items) < 15  # ~10 % of 60
+    drawn = [ex.hard for _ in range(50) for ex in balanced.sample(12)]
+    assert drawn.count("greet") < 0.5 * len(drawn)  # batches are no longer 90 % greet
+    assert rare_total > 60  # enough rare examples that the bound, not supply, decides
+
+
+def test_class_balanced_rare_class_keeps_all_it_had() -> None:
+    buf = ClassBalancedReplay(30, seed=2)
+    for i in range(3):
+        buf.add(_ex(i, hard="cancel"))
+    for i in range(3, 500):
+        buf.add(_ex(i, hard="greet"))
+    assert buf.counts() == {"cancel": 3, "greet": 27}  # the rare class loses nothing
+    assert {ex.request_id for ex in buf.items} >= {"e0", "e1", "e2"}
+
+
+def test_class_comes_from_teacher_argmax_without_hard_label_and_moves_on_late_label() -> None:
+    buf = ClassBalancedReplay(10, seed=3)
+    buf.add(_ex(1, soft=True))  # teacher logits (1, 0, -1): "greet"
+    buf.add(_ex(2, hard="cancel"))
+    assert buf.counts() == {"greet": 1, "cancel": 1}
+    buf.add(_ex(1, hard="refund", soft=True))  # a late hard label decides the class
+    assert buf.counts() == {"greet": 0, "cancel": 1, "refund": 1} and len(buf) == 2
+    assert len(buf) == 2 and {ex.hard for ex in buf.items} == {"refund", "cancel"}
+    buf.add(_ex(2, hard="cancel", soft=True))  # same class: refreshed in place
+    assert len(buf) == 2 and any(ex.soft for ex in buf.items if ex.request_id == "e2")
+
+
+def test_class_balanced_json_round_trip_reproduces_future_state() -> None:
+    buf = ClassBalancedReplay(24, seed=4)
+    stream = _skewed_stream(400, seed=5)
+    for ex in stream[:200]:
+        buf.add(ex)
+    text = json.dumps(buf.to_json())
+    twin = ClassBalancedReplay(24, seed=999)
+    twin.load_json(json.loads(text))
+    assert twin.counts() == buf.counts() and twin.items == buf.items
+    assert twin.sample(5) == buf.sample(5)
+    for ex in stream[200:]:
+        buf.add(ex)
+        twin.add(ex)
+    assert twin.to_json() == buf.to_json()
+
+
+def test_make_replay_follows_the_setting() -> None:
+    assert isinstance(make_replay("reservoir", 5), ReplayBuffer)
+    assert isinstance(make_replay("class_balanced", 5), ClassBalancedReplay)

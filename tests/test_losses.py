@@ -84,3 +84,20 @@ def test_attention_alignment_zero_when_equal_or_no_rows() -> None:
         0.0, abs=1e-6
     )
     assert attention_alignment(s, [torch.tensor([1.0])], [3]).item() == 0.0
+
+
+# -- temperature schedule -------------------------------------------------------------------
+
+
+def test_temperature_schedule_golden_values() -> None:
+    from stream_distill.trainer.schedule import temperature_at
+
+    assert [temperature_at(s, "constant", 2.0, 1.0, 10) for s in (0, 5, 99)] == [2.0] * 3
+    # linear 4 → 1 over 10 steps: 4 - 0.3·step, then held at 1 (and at 4 before 0)
+    linear = [temperature_at(s, "linear", 4.0, 1.0, 10) for s in (-3, 0, 5, 9, 10, 20)]
+    assert linear == pytest.approx([4.0, 4.0, 2.5, 1.3, 1.0, 1.0])
+    # cosine: 1 + 3 · (1 + cos(π · step / 10)) / 2; step 2: 1 + 1.5 · 1.809017 = 3.713525
+    cosine = [temperature_at(s, "cosine", 4.0, 1.0, 10) for s in (0, 2, 5, 10, 11)]
+    assert cosine == pytest.approx([4.0, 3.713525, 2.5, 1.0, 1.0], abs=1e-6)
+    # rising schedules are allowed too
+    assert temperature_at(5, "linear", 1.0, 3.0, 10) == pytest.approx(2.0)

@@ -23,6 +23,7 @@ from stream_distill.teacher.model import TeacherModel
 from stream_distill.testing import RecordingHooks
 from stream_distill.trainer.build import learner_from_teacher
 from stream_distill.trainer.loop import Trainer
+from stream_distill.trainer.publish import eval_set
 
 torch.set_num_threads(1)
 LABELS = INTENTS[:6]
@@ -207,7 +208,11 @@ async def test_gate_holds_back_a_worse_candidate(tmp_path: Path) -> None:
     assert serving is not None
     holdout = list(trainer.join.holdout)
     dialogues, intents = [t for t, _ in holdout], [y for _, y in holdout]
-    before = trainer.publisher._published_accuracy(learner, dialogues, intents)
+    serving_scores = trainer.publisher._serving_scores(
+        eval_set(learner, trainer.join), learner.encoder
+    )
+    assert serving_scores is not None
+    before = serving_scores.accuracy
     # Sabotage the student: every input now maps to the label the held-out set never has.
     rare = min(LABELS, key=intents.count)
     head = learner.model.classifier

@@ -68,6 +68,10 @@ class Topics:
     def feedback_raw(self) -> str:
         return f"{self.prefix}feedback-raw"
 
+    @property
+    def teacher_models(self) -> str:
+        return f"{self.prefix}teacher-models"
+
     def all(self) -> tuple[str, ...]:
         return (
             self.requests,
@@ -76,6 +80,7 @@ class Topics:
             self.models,
             self.dead_letters,
             self.feedback_raw,
+            self.teacher_models,
         )
 
 

@@ -16,15 +16,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self, TypeVar
 
 from stream_distill.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+T = TypeVar("T")
 
 
 def broker_binary() -> str:
@@ -52,29 +54,69 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _in_thread(run: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to its end from sync code, even inside a running event loop."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(run()))  # a fresh thread owns its own event loop
+        except BaseException as exc:
+            error.append(exc)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
 def _probe_sync(bootstrap: str) -> bool:
     from stream_distill.bus.kafka import probe
 
-    result: list[bool] = []
-    # A fresh thread owns its own event loop, so this works inside a running loop too.
-    t = threading.Thread(target=lambda: result.append(asyncio.run(probe(bootstrap))))
-    t.start()
-    t.join()
-    return bool(result and result[0])
+    try:
+        return _in_thread(lambda: probe(bootstrap))
+    except Exception as exc:  # not up yet, whatever the client makes of it
+        log.debug("probe of %s failed: %s", bootstrap, exc)
+        return False
+
+
+def _create_topics_sync(bootstrap: str, names: Sequence[str], partitions: int) -> None:
+    from stream_distill.bus.kafka import KafkaBus
+    from stream_distill.config import KafkaSettings
+
+    bus = KafkaBus(KafkaSettings(partitions=partitions), bootstrap)
+    _in_thread(lambda: bus.ensure_topics(names))
 
 
 class EmbeddedBroker:
     """Start Tansu on a loopback port, wait until it answers metadata, stop it cleanly.
 
-    Use as a context manager, or ``start()``/``stop()``.
+    Use as a context manager, or ``start()``/``stop()``. ``topics`` are created (with
+    ``partitions`` each) as soon as it answers, before ``start()`` returns: a restarted
+    broker has forgotten every topic, and clients that reconnect by themselves (their
+    producers retry what they had in flight) should find them as they were. Tansu
+    otherwise takes a produce to a topic it does not know, then fails the partitions
+    when the topic is created on demand later, or loses what was written when the
+    topic is created for real.
     """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 20.0
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        startup_timeout_s: float = 20.0,
+        *,
+        topics: Sequence[str] = (),
+        partitions: int = 1,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.startup_timeout_s = startup_timeout_s
+        self.topics = tuple(topics)
+        self.partitions = partitions
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -111,6 +153,12 @@ class EmbeddedBroker:
             if self._proc.poll() is not None:
                 raise BrokerError(f"broker exited with code {self._proc.returncode} at start")
             if _port_open(self.host, self.port) and _probe_sync(self.bootstrap):
+                if self.topics:
+                    try:
+                        _create_topics_sync(self.bootstrap, self.topics, self.partitions)
+                    except Exception as exc:
+                        self.stop()
+                        raise BrokerError(f"topics not created on {self.bootstrap}: {exc}") from exc
                 return
             time.sleep(0.1)
         self.stop()

@@ -12,7 +12,7 @@ from typing import Any, Self
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka import TopicPartition as KTP
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 
 from stream_distill.bus.base import Headers, OffsetReset, Record, TopicPartition, Topics
 from stream_distill.config import KafkaSettings
@@ -84,7 +84,14 @@ class KafkaProducer:
 
 
 class KafkaConsumer:
-    """Manual commits only; group membership or self-assignment (see ``Bus.consumer``)."""
+    """Manual commits only; group membership or self-assignment (see ``Bus.consumer``).
+
+    Commits ride out a broker restart: one the group refuses because it rebalanced
+    meanwhile, or one still unanswered after ``commit_timeout_s`` (aiokafka retries a
+    commit to a topic the broker does not know forever, and a restarted broker that
+    keeps data in memory has forgotten them all), is skipped with a warning; the
+    records come again to whoever holds the partition next, as at-least-once allows.
+    """
 
     def __init__(
         self,
@@ -93,16 +100,18 @@ class KafkaConsumer:
         group_id: str | None,
         offset_reset: OffsetReset,
         assign: Mapping[TopicPartition, int] | None,
+        *,
+        commit_timeout_s: float = 10.0,
     ) -> None:
         self._topics = tuple(topics)
         self._group = group_id
         self._assign = dict(assign or {})
+        self._commit_timeout_s = commit_timeout_s
         self._c = AIOKafkaConsumer(
             *(self._topics if group_id else ()),
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset=offset_reset,
-            max_poll_interval_ms=300000,
             **options,
         )
 
@@ -140,10 +149,13 @@ class KafkaConsumer:
         return out
 
     async def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
-        if offsets is None:
-            await self._c.commit()
-        else:
-            await self._c.commit({_tp(tp): off for tp, off in offsets.items()})
+        kafka_offsets = None if offsets is None else {_tp(tp): o for tp, o in offsets.items()}
+        try:
+            await asyncio.wait_for(self._c.commit(kafka_offsets), self._commit_timeout_s)
+        except CommitFailedError as exc:
+            log.warning("commit skipped, the group rebalanced (records come again): %s", exc)
+        except TimeoutError:
+            log.warning("commit skipped after %.0fs (records come again)", self._commit_timeout_s)
 
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(t.topic, t.partition) for t in self._c.assignment()}
@@ -198,7 +210,20 @@ class KafkaBus:
         offset_reset: OffsetReset = "earliest",
         assign: Mapping[TopicPartition, int] | None = None,
     ) -> KafkaConsumer:
-        return KafkaConsumer(self._options, topics, group_id, offset_reset, assign)
+        options = {
+            **self._options,
+            "max_poll_interval_ms": self.settings.max_poll_interval_ms,
+            "session_timeout_ms": self.settings.session_timeout_ms,
+            "heartbeat_interval_ms": self.settings.heartbeat_interval_ms,
+        }
+        return KafkaConsumer(
+            options,
+            topics,
+            group_id,
+            offset_reset,
+            assign,
+            commit_timeout_s=self.settings.commit_timeout_ms / 1000,
+        )
 
 
 async def probe(bootstrap: str, timeout_s: float = 2.0) -> bool:

@@ -6,7 +6,7 @@ import asyncio
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,12 +59,16 @@ class Chatbot:
         feedback_token: str | None,
         seed: int = 7,
         max_in_flight: int = 64,
+        turns: Iterator[LabeledTurn] | None = None,
     ) -> None:
+        """``turns`` replaces the synthetic generator (e.g. a labelled dataset, each turn once)."""
         self.base_url = base_url
         self.rate = rate
         self.feedback_fraction = feedback_fraction
         self.token = feedback_token
-        self.gen = TrafficGenerator(TrafficConfig(seed=seed))
+        self.turns = (
+            turns if turns is not None else TrafficGenerator(TrafficConfig(seed=seed)).turns(10**12)
+        )
         self.rng = random.Random(seed)
         self.stats = TrafficStats()
         self._sem = asyncio.Semaphore(max_in_flight)
@@ -131,16 +135,21 @@ class Chatbot:
             await self._one(client, turn)
 
     async def run(self, seconds: float, stop: asyncio.Event | None = None) -> TrafficStats:
-        """Open-loop load: one request every ``1/rate`` s, whatever the answers' speed."""
+        """Open-loop load: one request every ``1/rate`` s, whatever the answers' speed.
+
+        Ends after ``seconds``, on ``stop``, or when the turns run out.
+        """
         interval = 1.0 / self.rate
         tasks: set[asyncio.Task[None]] = set()
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(base_url=self.base_url, timeout=10.0, limits=limits) as c:
             start = time.monotonic()
-            turns = self.gen.turns(10**9)
             n = 0
             while time.monotonic() - start < seconds and not (stop and stop.is_set()):
-                t = asyncio.create_task(self._guarded(c, next(turns)))
+                turn = next(self.turns, None)
+                if turn is None:
+                    break
+                t = asyncio.create_task(self._guarded(c, turn))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
                 n += 1

@@ -34,6 +34,23 @@ class Hooks:
     def on_online_accuracy(self, version: str, accuracy: float, labels: int) -> None:
         """Rolling accuracy of ``version``'s answers against hard labels (``labels`` so far)."""
 
+    def on_rollout(self, version: str, mode: str, action: str) -> None:
+        """A canary/shadow rollout of ``version`` changed (started, promoted, aborted, ...)."""
+
+    def on_rollout_answer(self, version: str, mirrored: bool, agreed: bool | None) -> None:
+        """During a rollout ``version`` answered a request (or a copy, ``mirrored``);
+        ``agreed``: whether it matched the other model, None where only one ran."""
+
+    def on_rollout_accuracy(self, version: str, accuracy: float, labels: int) -> None:
+        """Rolling accuracy of ``version`` on the rollout's labelled requests."""
+
+    def on_mirror_dropped(self, reason: str) -> None:
+        """A request copy for the other model of a rollout was not run (queue full, error)."""
+
+    def on_cascade(self, outcome: str, teacher_ms: float | None) -> None:
+        """An unsure or opted-in request met the cascade (outcome: confident, answered,
+        skipped_budget, teacher_error, timeout); ``teacher_ms``: the teacher call, if made."""
+
     # feedback
     def on_feedback(self, result: str) -> None:
         """A feedback post ended (accepted, duplicate, unauthorized, invalid, ...)."""
@@ -46,6 +63,21 @@ class Hooks:
     def on_teacher_batch(self, size: int, seconds: float) -> None:
         """The teacher scored a batch."""
 
+    def on_teacher_sampling(self, reason: str, count: int) -> None:
+        """Adaptive sampling decided ``count`` requests for ``reason`` (see teacher.sampling)."""
+
+    def on_teacher_sampling_rate(self, rate: float) -> None:
+        """Share of recent requests the adaptive sampler sent to the teacher."""
+
+    def on_teacher_in_flight(self, count: int) -> None:
+        """Requests the scorer has fetched but not yet finished (bounded by max_in_flight)."""
+
+    def on_teacher_update(self, reason: str, accepted: bool, seconds: float) -> None:
+        """The updater tuned a teacher candidate (trigger ``reason``) and published it or not."""
+
+    def on_teacher_swap(self, version: str, ok: bool, reason: str = "") -> None:
+        """A scorer verified and took a teacher version (ok), or rejected it."""
+
     # trainer
     def on_train_step(self, losses: Mapping[str, float], examples: int, seconds: float) -> None:
         """One optimizer step with its loss components."""
@@ -55,3 +87,9 @@ class Hooks:
 
     def on_consumer_lag(self, role: str, lag: int) -> None:
         """Records behind the end of the log."""
+
+    def on_teacher_weights(self, weights: Mapping[str, float]) -> None:
+        """multi_teacher: the fusion weight of each teacher (static or adaptive)."""
+
+    def on_offline_record(self, examples: int) -> None:
+        """offline: examples recorded for the coming training round."""

@@ -88,6 +88,37 @@ class PrometheusHooks(Hooks):
             "sd_online_labels", "Hard labels matched to answers, per version.", ["version"],
             registry=r,
         )  # fmt: skip
+        self.rollouts = Counter(
+            "sd_rollouts", "Canary/shadow rollout changes.", ["mode", "action"], registry=r
+        )
+        self.rollout_answers = Counter(
+            "sd_rollout_answers", "Answers during a rollout, per version, returned or mirrored.",
+            ["version", "path"], registry=r,
+        )  # fmt: skip
+        self.rollout_comparisons = Counter(
+            "sd_rollout_comparisons", "Requests both rollout models ran, by (dis)agreement.",
+            ["version", "result"], registry=r,
+        )  # fmt: skip
+        self.rollout_accuracy = Gauge(
+            "sd_rollout_accuracy", "Rolling accuracy on the rollout's labelled requests (0..1).",
+            ["version"], registry=r,
+        )  # fmt: skip
+        self.rollout_labels = Gauge(
+            "sd_rollout_labels", "Hard labels matched to rollout answers, per version.",
+            ["version"], registry=r,
+        )  # fmt: skip
+        self.mirror_dropped = Counter(
+            "sd_mirror_dropped", "Request copies not run by the other rollout model.", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        self.cascade = Counter(
+            "sd_cascade", "Cascaded requests by outcome (answered: by the teacher).", ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.cascade_teacher_seconds = Histogram(
+            "sd_cascade_teacher_seconds", "Teacher calls of the cascade, by how they ended.",
+            ["outcome"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         # feedback
         self.feedback = Counter("sd_feedback", "Feedback posts by result.", ["result"], registry=r)
         # consumers
@@ -105,6 +136,37 @@ class PrometheusHooks(Hooks):
             buckets=TEACHER_BUCKETS,
             registry=r,
         )
+        self.teacher_sampling = Counter(
+            "sd_teacher_sampling_decisions",
+            "Adaptive sampling decisions by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.teacher_sampling_rate = Gauge(
+            "sd_teacher_sampling_rate", "Share of recent requests sent to the teacher.", registry=r
+        )
+        self.teacher_in_flight = Gauge(
+            "sd_teacher_in_flight", "Requests fetched by the scorer, not yet done.", registry=r
+        )
+        self.teacher_updates = Counter(
+            "sd_teacher_updates",
+            "Teacher updates by trigger and validation result.",
+            ["trigger", "result"],
+            registry=r,
+        )
+        self.teacher_update_seconds = Histogram(
+            "sd_teacher_update_seconds",
+            "Tune + validate time of a teacher update.",
+            buckets=(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0),
+            registry=r,
+        )
+        self.teacher_swaps = Counter(
+            "sd_teacher_swaps", "Teacher versions taken or rejected by scorers.", ["result"],
+            registry=r,
+        )  # fmt: skip
+        self.teacher_info = Gauge(
+            "sd_teacher_info", "1 for the teacher version now scoring.", ["version"], registry=r
+        )
         # trainer
         self.trainer_steps = Counter("sd_trainer_steps", "Optimizer steps.", registry=r)
         self.trainer_loss = Gauge(
@@ -121,6 +183,12 @@ class PrometheusHooks(Hooks):
         )
         self.consumer_lag = Gauge(
             "sd_consumer_lag", "Records behind the end of the log.", ["role"], registry=r
+        )
+        self.teacher_weight = Gauge(
+            "sd_trainer_teacher_weight", "Fusion weight per teacher.", ["teacher"], registry=r
+        )
+        self.offline_recorded = Gauge(
+            "sd_trainer_offline_recorded", "Examples recorded for the next round.", registry=r
         )
 
     # serve
@@ -154,6 +222,26 @@ class PrometheusHooks(Hooks):
         self.online_accuracy.labels(version).set(accuracy)
         self.online_labels.labels(version).set(labels)
 
+    def on_rollout(self, version: str, mode: str, action: str) -> None:
+        self.rollouts.labels(mode, reason_label(action)).inc()
+
+    def on_rollout_answer(self, version: str, mirrored: bool, agreed: bool | None) -> None:
+        self.rollout_answers.labels(version, "mirrored" if mirrored else "returned").inc()
+        if agreed is not None:
+            self.rollout_comparisons.labels(version, "agree" if agreed else "disagree").inc()
+
+    def on_rollout_accuracy(self, version: str, accuracy: float, labels: int) -> None:
+        self.rollout_accuracy.labels(version).set(accuracy)
+        self.rollout_labels.labels(version).set(labels)
+
+    def on_mirror_dropped(self, reason: str) -> None:
+        self.mirror_dropped.labels(reason_label(reason)).inc()
+
+    def on_cascade(self, outcome: str, teacher_ms: float | None) -> None:
+        self.cascade.labels(outcome).inc()
+        if teacher_ms is not None:
+            self.cascade_teacher_seconds.labels(outcome).observe(teacher_ms / 1e3)
+
     # feedback
     def on_feedback(self, result: str) -> None:
         self.feedback.labels(reason_label(result)).inc()
@@ -166,6 +254,26 @@ class PrometheusHooks(Hooks):
     def on_teacher_batch(self, size: int, seconds: float) -> None:
         self.teacher_scored.inc(size)
         self.teacher_batch_seconds.observe(seconds)
+
+    def on_teacher_sampling(self, reason: str, count: int) -> None:
+        self.teacher_sampling.labels(reason).inc(count)
+
+    def on_teacher_sampling_rate(self, rate: float) -> None:
+        self.teacher_sampling_rate.set(rate)
+
+    def on_teacher_in_flight(self, count: int) -> None:
+        self.teacher_in_flight.set(count)
+
+    def on_teacher_update(self, reason: str, accepted: bool, seconds: float) -> None:
+        result = "published" if accepted else "rejected"
+        self.teacher_updates.labels(reason_label(reason, 1), result).inc()
+        self.teacher_update_seconds.observe(seconds)
+
+    def on_teacher_swap(self, version: str, ok: bool, reason: str = "") -> None:
+        self.teacher_swaps.labels("ok" if ok else reason_label(reason)).inc()
+        if ok:
+            self.teacher_info.clear()
+            self.teacher_info.labels(version).set(1)
 
     # trainer
     def on_train_step(self, losses: Mapping[str, float], examples: int, seconds: float) -> None:
@@ -180,3 +288,10 @@ class PrometheusHooks(Hooks):
 
     def on_consumer_lag(self, role: str, lag: int) -> None:
         self.consumer_lag.labels(role).set(lag)
+
+    def on_teacher_weights(self, weights: Mapping[str, float]) -> None:
+        for teacher, weight in weights.items():
+            self.teacher_weight.labels(teacher).set(weight)
+
+    def on_offline_record(self, examples: int) -> None:
+        self.offline_recorded.set(examples)

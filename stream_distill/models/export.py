@@ -6,6 +6,7 @@ The graph takes the three int64 inputs of :class:`~stream_distill.models.text.Ba
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -105,3 +106,47 @@ def onnx_logits(onnx_bytes: bytes, batches: Sequence[Batch]) -> npt.NDArray[np.f
     session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
     out = [np.asarray(session.run([OUTPUT_NAME], b.as_feed())[0], np.float32) for b in batches]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def quantize_int8(onnx_bytes: bytes) -> bytes:
+    """Dynamic int8 quantisation: int8 weights (per output channel), activations quantised
+    at run time. Serve loads the result like any other ONNX model."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quiet = _DropPreprocessAdvice()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sd-quant-") as tmp:
+            src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+            src.write_bytes(onnx_bytes)
+            quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
+            return dst.read_bytes()
+    finally:
+        root.removeFilter(quiet)
+
+
+class _DropPreprocessAdvice(logging.Filter):
+    # onnxruntime advises shape-inference pre-processing on every call (root logger); the
+    # result is checked against fp32 before it may be published, so the advice is noise.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+def softmax_rows(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    x = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(x)
+    out: npt.NDArray[np.float32] = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def compare_onnx(
+    reference: bytes, candidate: bytes, batches: Sequence[Batch]
+) -> tuple[float, float]:
+    """``(argmax agreement, max |Δ probability|)`` of ``candidate`` against ``reference``."""
+    ref = softmax_rows(onnx_logits(reference, batches))
+    got = softmax_rows(onnx_logits(candidate, batches))
+    if ref.shape[0] == 0:
+        return float("nan"), float("nan")
+    agreement = float(np.mean(ref.argmax(axis=1) == got.argmax(axis=1)))
+    return agreement, float(np.max(np.abs(ref - got)))

@@ -3,8 +3,11 @@
 One task per :class:`~stream_distill.serving.service.ServingCore` takes requests from a
 bounded queue, up to ``batch_max_size`` of them or until ``batch_max_wait_us`` has
 passed since the first, and hands the batch to a single worker thread that tokenises
-and runs it, so the event loop never does either. While a batch runs, the next one
-queues up, so under load batches grow on their own even with no wait at all.
+and runs it, so the event loop stays free to take the next requests. While a batch
+runs, the next one queues up, so under load batches grow on their own even with no
+wait at all. The one exception: a lone request on an idle, fast model (batches under
+:data:`INLINE_MAX_S`) runs on the event loop, since the two thread hops would cost it
+more than anyone waits meanwhile; under load batches form first and go to the worker.
 
 Each batch reads the current session once, after it is formed: every answer in it
 names that one version, and a request that arrived after a swap is never answered by
@@ -34,17 +37,21 @@ from stream_distill.config import ServeSettings
 from stream_distill.errors import DeadlineExceeded, NotReady, Overloaded
 from stream_distill.events import Turn
 from stream_distill.metrics.hooks import Hooks
-from stream_distill.serving.session import FloatArray, StudentSession
+from stream_distill.serving.predictor import Predictor
+from stream_distill.serving.session import FloatArray
 
 EWMA_ALPHA = 0.2
 """Weight of the newest batch in the service-time estimate (about the last 10 batches)."""
+
+INLINE_MAX_S = 0.005
+"""Longest recent batch time at which a lone request on an idle model runs on the loop."""
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
     """One request's probabilities and the session (hence version) that produced them."""
 
-    session: StudentSession
+    session: Predictor
     probs: FloatArray
 
 
@@ -63,7 +70,7 @@ class Batcher:
 
     def __init__(
         self,
-        current: Callable[[], StudentSession | None],
+        current: Callable[[], Predictor | None],
         settings: ServeSettings,
         hooks: Hooks,
         clock: Callable[[], float],
@@ -146,18 +153,27 @@ class Batcher:
                 f"{self._queue.maxsize} requests already wait", _retry_after(self.expected_wait_s())
             ) from None
         self._arrived.set()
+        # One timer fails the request at its deadline (cheaper than wait_for + shield).
+        timer = (
+            asyncio.get_running_loop().call_later(
+                max(0.0, deadline - self._clock()), self._expire, pending
+            )
+            if self.reject_late
+            else None
+        )
         try:
-            if not self.reject_late:
-                return await pending.future
-            left = max(0.0, deadline - self._clock())
-            return await asyncio.wait_for(asyncio.shield(pending.future), left)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                "no answer within the deadline", _retry_after(self.expected_wait_s())
-            ) from None
+            return await pending.future
         finally:
+            if timer is not None:
+                timer.cancel()
             # Given up on (deadline, or the caller went away): the batcher skips it.
             pending.future.cancel()
+
+    def _expire(self, pending: _Pending) -> None:
+        _fail(
+            pending,
+            DeadlineExceeded("no answer within the deadline", _retry_after(self.expected_wait_s())),
+        )
 
     # -- the batch task ----------------------------------------------------------------
     async def _loop(self) -> None:
@@ -174,10 +190,12 @@ class Batcher:
             t0 = self._clock()
             self._running_since = t0
             self._inflight = batch
+            dialogues = [p.dialogue for p in batch]
             try:
-                rows = await loop.run_in_executor(
-                    self._executor, _predict, session, [p.dialogue for p in batch]
-                )
+                if len(batch) == 1 and self._queue.empty() and 0 < self.service_s <= INLINE_MAX_S:
+                    rows = _predict(session, dialogues)  # nobody waits: skip the thread hops
+                else:
+                    rows = await loop.run_in_executor(self._executor, _predict, session, dialogues)
             except Exception as exc:  # the worker itself is gone; the task must live on
                 rows = [exc] * len(batch)
             finally:
@@ -186,13 +204,9 @@ class Batcher:
             self._inflight = []
             self._observe(self._clock() - t0)
             self.hooks.on_batch(len(batch))
-            for p, row in zip(batch, rows, strict=True):
-                if p.future.done():
-                    continue
-                if isinstance(row, Exception):
-                    p.future.set_exception(row)
-                else:
-                    p.future.set_result(Answer(session, row))
+            _settle(batch, rows, session)
+            # Idle until the next batch: holding on would keep a swapped-out model alive.
+            del session, batch, rows, dialogues
 
     def _observe(self, took_s: float) -> None:
         first = self.service_s == 0.0
@@ -229,7 +243,7 @@ class Batcher:
 
 
 def _predict(
-    session: StudentSession, dialogues: Sequence[Sequence[Turn]]
+    session: Predictor, dialogues: Sequence[Sequence[Turn]]
 ) -> list[FloatArray | Exception]:
     """One row (or the error) per dialogue; one bad input fails only its own request."""
     try:
@@ -244,6 +258,18 @@ def _predict(
         except Exception as exc:
             out.append(exc)
     return out
+
+
+def _settle(
+    batch: list[_Pending], rows: Sequence[FloatArray | Exception], session: Predictor
+) -> None:
+    for p, row in zip(batch, rows, strict=True):
+        if p.future.done():
+            continue
+        if isinstance(row, Exception):
+            p.future.set_exception(row)
+        else:
+            p.future.set_result(Answer(session, row))
 
 
 def _fail(p: _Pending, exc: Exception) -> None:

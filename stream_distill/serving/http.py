@@ -14,15 +14,16 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
 
+import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from stream_distill.errors import (
     DeadlineExceeded,
@@ -35,7 +36,9 @@ from stream_distill.errors import (
 from stream_distill.feedback.collector import FeedbackCollector, FeedbackIn
 from stream_distill.metrics.prometheus import PrometheusHooks
 from stream_distill.serving.admin import admin_router
+from stream_distill.serving.canary_api import canary_router
 from stream_distill.serving.dashboard import dashboard_router
+from stream_distill.serving.middleware import BodyLimit, DirectRoutes
 from stream_distill.serving.oip import oip_router
 from stream_distill.serving.schemas import ClassifyIn, Limits
 from stream_distill.serving.service import ClassifyResult, LoadedVersion, ServingCore
@@ -43,61 +46,7 @@ from stream_distill.serving.service import ClassifyResult, LoadedVersion, Servin
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "1"
-
-
-class BodyLimit:
-    """Refuse bodies over ``max_bytes`` with 413, by Content-Length and by bytes actually read.
-
-    The body is buffered (it is small by construction) and replayed to the app.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if not value.isdigit():
-                    await _plain(send, 400, "bad Content-Length")
-                    return
-                if int(value) > self.max_bytes:
-                    await _plain(send, 413, f"body exceeds {self.max_bytes} bytes")
-                    return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunk: bytes = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await _plain(send, 413, f"body exceeds {self.max_bytes} bytes")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
-async def _plain(send: Send, status: int, detail: str) -> None:
-    body = JSONResponse({"detail": detail}).body
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+T = TypeVar("T")
 
 
 def _errors(exc: ValidationError) -> list[dict[str, Any]]:
@@ -108,7 +57,7 @@ def _errors(exc: ValidationError) -> list[dict[str, Any]]:
 
 
 def _answer(r: ClassifyResult) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "request_id": r.request_id,
         "intent": r.intent,
         "confidence": r.confidence,
@@ -116,6 +65,9 @@ def _answer(r: ClassifyResult) -> dict[str, Any]:
         "model_version": r.model_version,
         "latency_ms": round(r.latency_ms, 3),
     }
+    if r.answered_by is not None:  # the cascade saw this request
+        body["answered_by"] = r.answered_by
+    return body
 
 
 def _refusal(status: int, detail: str, retry_after_s: float) -> Response:
@@ -169,17 +121,19 @@ def create_app(
     app.state.core = core
     app.state.feedback = feedback
 
-    @app.post("/v1/classify")
-    async def classify(request: Request) -> Response:
+    async def classify_body(body: bytes) -> Response:
         t0 = time.perf_counter()
         try:
-            req = ClassifyIn.model_validate_json(await request.body(), context=context)
+            req = ClassifyIn.model_validate_json(body, context=context)
         except ValidationError as exc:
             hooks.on_request("invalid", (time.perf_counter() - t0) * 1e3, core.version)
             return JSONResponse({"detail": _errors(exc)}, status_code=422)
         try:
             result = await core.classify(
-                req.dialogue(), req.conversation_id, deadline_ms=req.deadline_ms
+                req.dialogue(),
+                req.conversation_id,
+                deadline_ms=req.deadline_ms,
+                cascade=req.cascade,
             )
         except NotReady as exc:
             return JSONResponse(
@@ -189,7 +143,11 @@ def create_app(
             return _refusal(503, f"deadline: {exc}", exc.retry_after_s)
         except Overloaded as exc:
             return _refusal(429, f"overloaded: {exc}", exc.retry_after_s)
-        return JSONResponse(_answer(result))
+        return Response(orjson.dumps(_answer(result)), media_type="application/json")
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> Response:
+        return await classify_body(await request.body())
 
     if feedback is not None:
 
@@ -266,14 +224,31 @@ def create_app(
                 "pinned": None if pin is None else {"version": pin.version, "above": pin.above},
                 "loaded": loaded,
                 "rejected": core.rejected,
+                "rollout": core.rollout.state(),
             }
         )
 
     app.include_router(admin_router(core))
+    app.include_router(canary_router(core))
     app.include_router(oip_router(core))
     app.include_router(dashboard_router(core, metrics))
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(DirectRoutes, routes={"/v1/classify": classify_body})
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # outside DirectRoutes
     return app
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` on uvloop's event loop when it is installed.
+
+    A request spends most of its time outside the model in the event loop (parsing,
+    routing, waking the batcher and the request back up), which uvloop does in C.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -318,6 +293,7 @@ class HttpServer:
             log_config=None,  # leave the process's logging alone
             log_level=self.log_level,
             access_log=False,
+            http="auto",  # httptools (a dependency) parses in C; h11 where it is missing
             timeout_graceful_shutdown=5,
         )
         self._server = _EmbeddedServer(config)

@@ -30,8 +30,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from stream_distill.events import Turn
+from stream_distill.serving.predictor import Predictor
 from stream_distill.serving.service import ServingCore
-from stream_distill.serving.session import StudentSession
 
 MODEL_NAME = "intent"
 PLATFORM = "onnxruntime_onnx"
@@ -239,7 +239,7 @@ def parse_infer(
 
 
 def infer_response(
-    model_name: str, session: StudentSession, probs: np.ndarray, req: InferRequest
+    model_name: str, session: Predictor, probs: np.ndarray, req: InferRequest
 ) -> Response:
     """The answer, with a binary tail when any output was asked for as binary."""
     labels = list(session.labels)
@@ -309,7 +309,7 @@ def oip_router(
         "extensions": list(EXTENSIONS),
     }
 
-    def resolve(name: str, version: str | None) -> StudentSession:
+    def resolve(name: str, version: str | None) -> Predictor:
         """The session this request will use, once, whatever swaps meanwhile."""
         if name != model_name:
             raise OipError(f"unknown model {name!r}; this server has {model_name!r}", 404)
@@ -324,7 +324,7 @@ def oip_router(
             )
         return session
 
-    def model_metadata(session: StudentSession) -> dict[str, Any]:
+    def model_metadata(session: Predictor) -> dict[str, Any]:
         k = len(session.labels)
         return {
             "name": model_name,

@@ -58,6 +58,13 @@ class ClassifyIn(BaseModel):
     deadline_ms: float | None = Field(
         default=None, gt=0, le=60_000, description="Latency budget of this request."
     )
+    cascade: bool | None = Field(
+        default=None,
+        description=(
+            "Let the teacher answer when the student is unsure and the budget allows"
+            " (serve.cascade_enabled); unset: serve.cascade_default."
+        ),
+    )
 
     @field_validator("text")
     @classmethod

@@ -12,9 +12,8 @@ rollback, by an operator or by :mod:`.online` when a new version's online accura
 drops, is the same reference swap. A rollback pins serve: the watcher skips every
 version up to the one rolled back from, until a newer one appears or ``unpin()``.
 
-Request events go through a bounded queue to a background publisher: when the
-queue is full or the bus fails, the event is dropped and counted, never turned
-into an HTTP error.
+Request events leave through :mod:`.publisher`, off the request path: a full queue
+or a failing bus drops and counts them, never an HTTP error.
 """
 
 from __future__ import annotations
@@ -22,17 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import numpy as np
-
 from stream_distill.bus.base import Bus, Producer, Topics
-from stream_distill.bus.codec import encode, headers_for
 from stream_distill.config import ServeSettings
 from stream_distill.errors import (
     DeadlineExceeded,
@@ -42,13 +37,18 @@ from stream_distill.errors import (
     Overloaded,
     StreamDistillError,
 )
-from stream_distill.events import RequestEvent, TopIntent, Turn, new_id, utc_now
+from stream_distill.events import Turn, utc_now
 from stream_distill.metrics.hooks import Hooks
 from stream_distill.registry.base import ModelStore
+from stream_distill.serving.answer import ClassifyResult, summarise
 from stream_distill.serving.batcher import Batcher
+from stream_distill.serving.canary import RolloutController
+from stream_distill.serving.cascade import Cascade
 from stream_distill.serving.online import OnlineAccuracy
+from stream_distill.serving.predictor import Predictor
+from stream_distill.serving.publisher import EventPublisher
 from stream_distill.serving.redact import Redactor, redact
-from stream_distill.serving.session import StudentSession
+from stream_distill.serving.session import StudentSession, in_background
 from stream_distill.serving.versions import KeptVersions, Pin
 from stream_distill.serving.watcher import ModelWatcher, version_number
 
@@ -58,19 +58,6 @@ KEEP_HISTORY = 100
 """Swapped-in versions remembered for ``/v1/models``."""
 
 __all__ = ["ClassifyResult", "LoadedVersion", "Pin", "ServingCore", "redact"]
-
-
-@dataclass(frozen=True, slots=True)
-class ClassifyResult:
-    request_id: str
-    intent: str
-    confidence: float
-    top: tuple[TopIntent, ...]
-    model_version: str
-    latency_ms: float
-    entropy: float
-    margin: float
-    deadline_missed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +98,20 @@ class ServingCore:
         self.producer = producer
         self.topics = topics or (bus.topics if bus is not None else Topics())
         self._clock = clock
-        self._session: StudentSession | None = None
+        self._session: Predictor | None = None
         self._draining = False
         self.redactor = Redactor.from_settings(settings)
         self.batcher = Batcher(lambda: self._session, settings, self.hooks, clock)
         self.verified: deque[LoadedVersion] = deque(maxlen=KEEP_HISTORY)
         self.rejected: dict[str, str] = {}
         self._load_lock = asyncio.Lock()
-        self._queue: asyncio.Queue[RequestEvent] = asyncio.Queue(settings.event_queue_size)
-        self._publisher: asyncio.Task[None] | None = None
+        self.events = (
+            EventPublisher(
+                producer, self.topics.requests, self.hooks, self.redactor, settings.event_queue_size
+            )
+            if producer is not None
+            else None
+        )
         self._loaded = asyncio.Event()
         # (request_id, model_version, labels) of every answer: feedback checks against it
         self.on_answer: Callable[[str, str, tuple[str, ...]], None] | None = None
@@ -146,10 +138,16 @@ class ServingCore:
             topics=self.topics,
             poll_interval_s=poll_interval_s,
         )
+        self.cascade = (
+            Cascade(settings, self.hooks, producer=producer, topics=self.topics, clock=clock)
+            if settings.cascade_enabled
+            else None
+        )
+        self.rollout = RolloutController(self)  # canary/shadow candidates (serve.rollout_mode)
 
     # -- state -------------------------------------------------------------------------
     @property
-    def session(self) -> StudentSession | None:
+    def session(self) -> Predictor | None:
         return self._session
 
     @property
@@ -177,9 +175,12 @@ class ServingCore:
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         """Start publishing request events and watching for models (loads run in background)."""
-        if self.producer is not None and self._publisher is None:
-            self._publisher = asyncio.create_task(self._publish_events(), name="sd-events")
+        if self.events is not None:
+            self.events.start()
         self.batcher.start()
+        self.rollout.start()
+        if self.cascade is not None:
+            await self.cascade.start()
         await self.online.start()
         await self.watcher.start()
 
@@ -187,13 +188,12 @@ class ServingCore:
         """Stop watching, give queued events ``drain_timeout_s`` to reach the bus, stop."""
         await self.watcher.aclose()
         await self.online.aclose()
+        await self.rollout.aclose()
         await self.batcher.aclose()
-        if self._publisher is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._queue.join(), drain_timeout_s)
-            self._publisher.cancel()
-            await asyncio.gather(self._publisher, return_exceptions=True)
-            self._publisher = None
+        if self.cascade is not None:
+            await self.cascade.aclose()
+        if self.events is not None:
+            await self.events.aclose(drain_timeout_s)
 
     async def __aenter__(self) -> ServingCore:
         await self.start()
@@ -209,11 +209,13 @@ class ServingCore:
             current = self._session
             if current is not None and current.version == version:
                 return True
+            if self.rollout.holds(version):
+                return True
             if self.held_back(version):  # announced again after a rollback from it
                 return False
             t0 = self._clock()
             try:
-                session = await asyncio.to_thread(self._build, version, expected_sha256)
+                session = await in_background(self._build, version, expected_sha256)
             except Exception as exc:  # no candidate may take the watcher down
                 reason = _reason(exc)
                 self.rejected[version] = reason
@@ -224,17 +226,31 @@ class ServingCore:
                 return False
             if self.held_back(version):  # a rollback landed while it was loading
                 return False
-            self.kept.add(session, self.version, serving=version)
-            self.pin = None  # a version newer than the pinned ceiling ends the pin
-            self._session = session
-            took = self._clock() - t0
             self.rejected.pop(version, None)
-            self.verified.append(LoadedVersion(version, session.sha256, session.labels, took))
-            log.info("serving model %s (sha256 %s, %.0f ms)", version, session.sha256, took * 1e3)
-            self.hooks.on_swap(version, took, ok=True)
-            self.hooks.on_model_serving(version)
-            self._loaded.set()
+            if not self.rollout.adopt(session, self._clock() - t0):  # else a candidate
+                self.swap_in(session, self._clock() - t0)
             return True
+
+    def swap_in(self, session: StudentSession, took_s: float) -> None:
+        """Serve the verified ``session`` now (kept for rollbacks; ends any pin)."""
+        version = session.version
+        self.kept.add(session, self.version, serving=version)
+        self.pin = None  # a version newer than the pinned ceiling ends the pin
+        self._session = session
+        self.verified.append(LoadedVersion(version, session.sha256, session.labels, took_s))
+        log.info("serving model %s (sha256 %s, %.0f ms)", version, session.sha256, took_s * 1e3)
+        self.hooks.on_swap(version, took_s, ok=True)
+        self.hooks.on_model_serving(version)
+        self._loaded.set()
+
+    def install(self, predictor: Predictor) -> None:
+        """Serve ``predictor``, a model that does not come from the registry (the teacher)."""
+        self._session = predictor
+        self.verified.append(
+            LoadedVersion(predictor.version, predictor.sha256, predictor.labels, 0.0)
+        )
+        self.hooks.on_model_serving(predictor.version)
+        self._loaded.set()
 
     def held_back(self, version: str) -> bool:
         """True while a rollback pin keeps the watcher from ``version``."""
@@ -287,8 +303,11 @@ class ServingCore:
         conversation_id: str | None = None,
         *,
         deadline_ms: float | None = None,
+        cascade: bool | None = None,
     ) -> ClassifyResult:
         """Answer one dialogue (current user turn last) within ``deadline_ms``.
+
+        ``cascade`` opts in or out of asking the teacher (:mod:`.cascade`), if enabled.
 
         Raises :class:`NotReady` (no model), :class:`Overloaded` (queue full) or
         :class:`DeadlineExceeded` (the budget cannot be met, ``reject`` policy).
@@ -299,7 +318,8 @@ class ServingCore:
             raise NotReady("no model loaded yet")
         budget = deadline_ms or self.settings.deadline_ms
         try:
-            answer = await self.batcher.run(turns, t0 + budget / 1e3)
+            batcher = self.rollout.route(self.batcher, conversation_id)
+            answer = await batcher.run(turns, t0 + budget / 1e3)
         except (DeadlineExceeded, Overloaded, NotReady) as exc:
             outcome = "deadline" if isinstance(exc, DeadlineExceeded) else "shed"
             self.hooks.on_request(outcome, (self._clock() - t0) * 1e3, self.version)
@@ -309,78 +329,22 @@ class ServingCore:
             raise
         session = answer.session
         latency_ms = (self._clock() - t0) * 1e3
-        result = _summarise(answer.probs, session, self.settings.top_k, latency_ms, budget)
-        outcome = "deadline" if result.deadline_missed else "ok"
-        self.hooks.on_request(outcome, result.latency_ms, session.version)
+        result = summarise(answer.probs, session, self.settings.top_k, latency_ms, budget)
+        answered = result  # the teacher's, when the cascade asked it; below, the student's
+        if self.cascade is not None and self.cascade.wanted(cascade):
+            cid = conversation_id or result.request_id
+            answered = await self.cascade.consult(
+                result, turns, cid, started=t0, deadline=t0 + budget / 1e3
+            )
+        outcome = "deadline" if answered.deadline_missed else "ok"
+        self.hooks.on_request(outcome, answered.latency_ms, session.version)
         self.online.remember(result.request_id, session.version, result.intent)
+        self.rollout.answered(result.request_id, session, result.intent, turns)
         if self.on_answer is not None:
             self.on_answer(result.request_id, session.version, session.labels)
-        if self._publisher is not None:
-            self._enqueue(result, turns, conversation_id or result.request_id)
-        return result
-
-    def _enqueue(self, r: ClassifyResult, turns: Sequence[Turn], conversation_id: str) -> None:
-        event = RequestEvent(
-            request_id=r.request_id,
-            conversation_id=conversation_id,
-            turns=tuple(Turn(role=t.role, text=self.redactor(t.text)) for t in turns),
-            served_intent=r.intent,
-            top=r.top,
-            entropy=r.entropy,
-            margin=r.margin,
-            model_version=r.model_version,
-            latency_ms=r.latency_ms,
-        )
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.hooks.on_event_dropped("queue-full")
-
-    async def _publish_events(self) -> None:
-        assert self.producer is not None
-        topic = self.topics.requests
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < 512 and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            results = await asyncio.gather(
-                *(self._send(topic, ev) for ev in batch), return_exceptions=True
-            )
-            failed = [r for r in results if isinstance(r, BaseException)]
-            for _ in failed:
-                self.hooks.on_event_dropped("bus-error")
-            if failed:
-                log.warning("dropped %d request events: %s", len(failed), failed[0])
-            for _ in batch:
-                self._queue.task_done()
-
-    async def _send(self, topic: str, event: RequestEvent) -> None:
-        assert self.producer is not None
-        await self.producer.send(
-            topic, encode(event), key=event.conversation_id.encode(), headers=headers_for(event)
-        )
-
-
-def _summarise(
-    row: np.ndarray, session: StudentSession, top_k: int, latency_ms: float, deadline_ms: float
-) -> ClassifyResult:
-    p = np.clip(row.astype(np.float64), 0.0, 1.0)
-    order = np.argsort(-p, kind="stable")
-    top = tuple(TopIntent(intent=session.labels[i], p=float(p[i])) for i in order[: max(1, top_k)])
-    second = float(p[order[1]]) if len(order) > 1 else 0.0
-    nz = p[p > 0]
-    entropy = max(0.0, float(-(nz * np.log(nz)).sum()))
-    return ClassifyResult(
-        request_id=new_id(),
-        intent=top[0].intent,
-        confidence=top[0].p,
-        top=top,
-        model_version=session.version,
-        latency_ms=latency_ms,
-        entropy=entropy if math.isfinite(entropy) else 0.0,
-        margin=min(1.0, max(0.0, top[0].p - second)),
-        deadline_missed=latency_ms > deadline_ms,
-    )
+        if self.events is not None:  # redaction and the event are built after the answer left
+            self.events.enqueue(result, turns, conversation_id or result.request_id)
+        return answered
 
 
 def _reason(exc: BaseException) -> str:

@@ -9,10 +9,17 @@ with a reason a human can act on.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
 import functools
 import math
+import os
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +33,8 @@ from stream_distill.models.text import TextEncoder
 from stream_distill.registry.store import ModelVersion, sha256_bytes
 
 FloatArray = npt.NDArray[np.float32]
+P = ParamSpec("P")
+T = TypeVar("T")
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "logits"
@@ -66,9 +75,11 @@ def session_options(settings: ServeSettings) -> ort.SessionOptions:
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     # Every request has its own sequence length, so a cached memory pattern never fits.
     so.enable_mem_pattern = False
-    # The arena dies with its session on swap; keeping the weights out of it means the
-    # arena only holds activations and does not round the weights up to its chunks.
-    so.enable_cpu_mem_arena = True
+    # No arena: an arena grows in chunks on the batch thread and is freed with its
+    # session on another, and serve's RSS crept up with every hot swap (onnxruntime
+    # issue #26831 describes the same). Plain malloc, trimmed on the next load (see
+    # trim_heap), kept RSS flat over hundreds of swaps at the same batch-1 latency.
+    so.enable_cpu_mem_arena = False
     so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
     # A model comes from verified bytes and must be self-contained: external-data paths
     # resolve inside an empty private folder, so a candidate cannot pull in any file.
@@ -77,6 +88,48 @@ def session_options(settings: ServeSettings) -> ort.SessionOptions:
     )
     so.log_severity_level = 3
     return so
+
+
+LOAD_NICE = 10
+"""Niceness of the model-loading thread: a load (seconds of CPU) yields to requests."""
+
+
+def _lower_priority() -> None:
+    # Linux keeps a nice value per thread; elsewhere this is a no-op.
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICE)
+
+
+@functools.cache
+def _loader() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="sd-load", initializer=_lower_priority)
+
+
+async def in_background(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run ``fn`` on the model-loading thread, which runs at a lower CPU priority, so
+    loading and verifying a candidate does not slow the requests served meanwhile."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_loader(), functools.partial(fn, *args, **kwargs))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+def trim_heap() -> None:
+    """Give the heap pages freed by swapped-out sessions back to the OS (glibc only).
+
+    A session's weights and buffers are freed on whichever thread drops the session
+    last, into that thread's malloc arena, where the pages stay resident otherwise.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @functools.cache
@@ -139,6 +192,7 @@ class StudentSession:
     @classmethod
     def from_version(cls, mv: ModelVersion, settings: ServeSettings) -> StudentSession:
         """Build (not yet verify) a session from a registry version's bytes."""
+        trim_heap()  # what the sessions swapped out since the last load left behind
         if sha256_bytes(mv.model) != mv.sha256:
             raise ModelRejected(f"{mv.version}: model bytes do not match sha256 {mv.sha256}")
         if not mv.labels:

@@ -6,7 +6,11 @@ Rules:
 * a hard label that arrives after its example was trained makes the example ready
   again, now with the label (late feedback is still learned);
 * duplicates are ignored: a request id seen twice, a soft label from the same
-  teacher twice, a feedback id seen before (applied ids are remembered, bounded);
+  teacher (and teacher version) twice, a feedback id seen before (applied ids are
+  remembered, bounded);
+* one soft label is kept per teacher id (a newer teacher version replaces its
+  predecessor), so several teachers' opinions can be fused; with ``min_teachers``
+  above 1 an example without a hard label waits for that many teachers;
 * a stable slice of request ids (``holdout_fraction``) is never trained on; their
   hard labels form the held-out set the promotion gate scores on;
 * the state is bounded by ``window`` requests; what falls out is counted.
@@ -32,7 +36,16 @@ class Example:
     request_id: str
     turns: tuple[Turn, ...]
     soft: SoftLabel | None
+    """The latest soft label, whichever teacher sent it."""
     hard: str | None
+    softs: tuple[SoftLabel, ...] = ()
+    """Every teacher's soft label (one per teacher id); empty means ``(soft,)``."""
+
+    @property
+    def teacher_labels(self) -> tuple[SoftLabel, ...]:
+        if self.softs:
+            return self.softs
+        return (self.soft,) if self.soft is not None else ()
 
 
 @dataclass(slots=True)
@@ -42,6 +55,7 @@ class _Pending:
     hard: HardLabel | None = None
     trained: bool = False
     trained_hard: bool = False
+    softs: dict[str, SoftLabel] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +76,7 @@ class JoinState:
     holdout_size: int = 2000
     applied_ids_size: int = 200000
     stats: JoinStats = field(default_factory=JoinStats)
+    min_teachers: int = 1
 
     def __post_init__(self) -> None:
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
@@ -100,11 +115,12 @@ class JoinState:
 
     def add_soft(self, ev: SoftLabel) -> None:
         slot = self._slot(ev.request_id)
-        if slot.soft is not None and slot.soft.teacher_version == ev.teacher_version:
+        prev = slot.softs.get(ev.teacher_id)
+        if prev is not None and prev.teacher_version == ev.teacher_version:
             self.stats.duplicates += 1
             return
         self.stats.soft_labels += 1
-        slot.soft = ev
+        slot.soft = slot.softs[ev.teacher_id] = ev
         self._update(ev.request_id, slot)
 
     def add_hard(self, ev: HardLabel) -> bool:
@@ -131,7 +147,7 @@ class JoinState:
                 slot.trained_hard = slot.trained = True  # "used": recorded once
                 self.holdout.append((slot.request.turns, slot.hard.intent))
             return
-        has_label = slot.soft is not None or slot.hard is not None
+        has_label = len(slot.softs) >= self.min_teachers or slot.hard is not None
         if has_label and (not slot.trained or (slot.hard is not None and not slot.trained_hard)):
             self._ready[rid] = None
 
@@ -149,16 +165,23 @@ class JoinState:
             slot.trained = True
             slot.trained_hard = slot.hard is not None
             hard = slot.hard.intent if slot.hard is not None else None
-            out.append(Example(rid, slot.request.turns, slot.soft, hard))
+            out.append(Example(rid, slot.request.turns, slot.soft, hard, _softs(slot)))
         return out
 
-    def recent_soft(self, n: int) -> list[Example]:
-        """Up to ``n`` of the newest examples with a soft label (for agreement checks)."""
+    def recent_soft(self, n: int, holdout: bool | None = None) -> list[Example]:
+        """Up to ``n`` of the newest examples with a soft label (for agreement checks).
+
+        ``holdout`` True keeps only held-out request ids, False only trained ones.
+        """
         out: list[Example] = []
+        if holdout and self.holdout_fraction <= 0.0:
+            return out
         for rid in reversed(self._pending):
             slot = self._pending[rid]
-            if slot.request is not None and slot.soft is not None:
-                out.append(Example(rid, slot.request.turns, slot.soft, None))
+            if slot.request is None or slot.soft is None:
+                continue
+            if holdout is None or self.is_holdout(rid) == holdout:
+                out.append(Example(rid, slot.request.turns, slot.soft, None, _softs(slot)))
                 if len(out) >= n:
                     break
         return out
@@ -170,7 +193,15 @@ class JoinState:
 
         return {
             "pending": [
-                [rid, dump(p.request), dump(p.soft), dump(p.hard), p.trained, p.trained_hard]
+                [
+                    rid,
+                    dump(p.request),
+                    dump(p.soft),
+                    dump(p.hard),
+                    p.trained,
+                    p.trained_hard,
+                    [dump(s) for s in p.softs.values() if s is not p.soft],
+                ]
                 for rid, p in self._pending.items()
             ],
             "ready": list(self._ready),
@@ -181,16 +212,25 @@ class JoinState:
 
     def load_json(self, data: dict[str, Any]) -> None:
         self.__post_init__()
-        for rid, req, soft, hard, trained, trained_hard in data["pending"]:
+        for rid, req, soft, hard, trained, trained_hard, *rest in data["pending"]:
+            latest = SoftLabel.model_validate(soft) if soft else None
+            others = [SoftLabel.model_validate(s) for s in (rest[0] if rest else [])]
+            softs = {s.teacher_id: s for s in [*others, *([latest] if latest else [])]}
             self._pending[rid] = _Pending(
                 RequestEvent.model_validate(req) if req else None,
-                SoftLabel.model_validate(soft) if soft else None,
+                latest,
                 HardLabel.model_validate(hard) if hard else None,
                 trained,
                 trained_hard,
+                softs,
             )
         self._ready = OrderedDict((rid, None) for rid in data["ready"])
         self._feedback_ids = OrderedDict((fid, None) for fid in data["feedback_ids"])
         for turns, y in data["holdout"]:
             self.holdout.append((tuple(Turn.model_validate(t) for t in turns), y))
         self.stats = JoinStats(**data["stats"])
+
+
+def _softs(slot: _Pending) -> tuple[SoftLabel, ...]:
+    # A single teacher's label travels as ``soft`` alone (replay and checkpoints stay small).
+    return tuple(slot.softs.values()) if len(slot.softs) > 1 else ()

@@ -17,8 +17,10 @@ from stream_distill.models.factory import extend_head
 from stream_distill.models.text import Batch, TextEncoder
 from stream_distill.trainer.join import Example
 from stream_distill.trainer.losses import IGNORE, attention_alignment, combined, hard_ce, kd_kl
+from stream_distill.trainer.schedule import temperature_at
+from stream_distill.trainer.teachers import MASKED, TeacherPanel, aligned, softened
 
-MASKED = -1e4  # a logit that softmax turns into ~0 at any temperature we use
+TEACHER_STRATEGIES = ("online", "offline")  # KD from the latest soft label of each example
 
 
 def to_torch(batch: Batch) -> dict[str, torch.Tensor]:
@@ -45,6 +47,19 @@ class Learner:
         self.examples_seen = 0
         # The EMA teacher of the "self" strategy (and of online's fallback); made on first use.
         self.ema: Any = None
+        self.teachers = TeacherPanel(
+            settings.teacher_weighting,
+            settings.teacher_weights,
+            settings.teacher_accuracy_decay,
+            settings.teacher_weight_temperature,
+        )
+
+    @property
+    def temperature(self) -> float:
+        """The distillation temperature at the current step (see trainer.schedule)."""
+        s = self.settings
+        start, end = s.temperature, s.temperature_final
+        return temperature_at(self.steps, s.temperature_schedule, start, end, s.temperature_steps)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -102,8 +117,10 @@ class Learner:
             return [], torch.zeros((0, len(self.labels)))
         rows: list[int] = []
         t_logits = torch.zeros((0, len(self.labels)))
-        if strategy == "online":
+        if strategy in TEACHER_STRATEGIES:
             rows, t_logits = self._teacher_rows(examples)
+        elif strategy == "multi_teacher":
+            rows, t_logits = self._fused_rows(examples)
         if strategy == "self" or (self_targets and len(rows) < len(examples)):
             missing = [i for i in range(len(examples)) if i not in set(rows)]
             with torch.no_grad():
@@ -134,6 +151,29 @@ class Learner:
             rows.append(i)
         return rows, torch.tensor(logits, dtype=torch.float32).reshape(len(rows), len(self.labels))
 
+    def _fused_rows(self, examples: Sequence[Example]) -> tuple[list[int], torch.Tensor]:
+        """Rows with a fused multi-teacher target (see trainer.teachers), in label order."""
+        rows: list[int] = []
+        logits: list[list[float]] = []
+        for i, ex in enumerate(examples):
+            target = self.teachers.target(ex.teacher_labels, self.labels, self.temperature)
+            if target is not None:
+                rows.append(i)
+                logits.append(target)
+        return rows, torch.tensor(logits, dtype=torch.float32).reshape(len(rows), len(self.labels))
+
+    def teacher_choice(self, ex: Example) -> str | None:
+        """The label the KD target of ``ex`` ranks first, among the student's labels."""
+        if self.settings.strategy == "multi_teacher":
+            target = self.teachers.target(ex.teacher_labels, self.labels, 1.0)
+        elif ex.soft is not None:
+            target = aligned(ex.soft.labels, softened(ex.soft.logits, 1.0), self.labels)
+        else:
+            target = None
+        if target is None:
+            return None
+        return self.labels[max(range(len(target)), key=target.__getitem__)]
+
     def learn_many(
         self, examples: Sequence[Example], *, self_targets: bool = False
     ) -> dict[str, float]:
@@ -143,7 +183,7 @@ class Learner:
         batch = self.encoder.encode([ex.turns for ex in examples])
         feed = to_torch(batch)
         use_att = (
-            self.settings.strategy == "online"
+            self.settings.strategy in TEACHER_STRATEGIES
             and self.settings.attention_weight > 0
             and any(ex.soft is not None and ex.soft.attention for ex in examples)
         )
@@ -152,7 +192,7 @@ class Learner:
         rows, t_logits = self._targets(examples, feed, self_targets)
         # Columns the teacher does not know are masked on both sides of the KD term.
         student_kd = logits[rows].masked_fill(t_logits <= MASKED, MASKED)
-        kd = kd_kl(student_kd, t_logits, self.settings.temperature)
+        kd = kd_kl(student_kd, t_logits, self.temperature)
         targets = torch.tensor(
             [self._index.get(ex.hard, IGNORE) if ex.hard else IGNORE for ex in examples]
         )

@@ -2,7 +2,14 @@
 
 One writer. It assigns itself every partition of the three input topics and
 seeks to the offsets stored in its own checkpoint (no consumer group), so a
-restart resumes exactly where the last checkpoint left off.
+restart resumes exactly where the last checkpoint left off. The ``offline``
+strategy records joined examples instead of learning from them and trains in
+rounds (see :mod:`stream_distill.trainer.offline`); an operator asks for a round at
+once with SIGUSR1 to the trainer process (:func:`round_on_signal`).
+
+The student's label space grows from a hard label naming a new intent, or from a
+teacher label list trusted as :mod:`stream_distill.trainer.labels` describes; the
+grown list is checkpointed and published with the next version.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,17 +39,19 @@ from stream_distill.trainer.checkpoint import (
     load_optimizer_tensors,
     optimizer_tensors,
 )
-from stream_distill.trainer.join import JoinState
+from stream_distill.trainer.join import Example, JoinState
+from stream_distill.trainer.labels import LabelGrowth
 from stream_distill.trainer.learner import Learner
+from stream_distill.trainer.offline import OfflineStore, round_batches
 from stream_distill.trainer.publish import Publisher
-from stream_distill.trainer.replay import ReplayBuffer
+from stream_distill.trainer.replay import make_replay
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY_STEPS = 10
 EMA_PREFIX = "ema::"
 LAG_EVERY_S = 5.0
-PROMOTION_MARGIN = 0.02
+SOFT_STRATEGIES = ("online", "offline", "multi_teacher")  # the ones that join soft labels
 
 
 @dataclass
@@ -50,6 +60,7 @@ class TrainerStats:
     published: list[str] = field(default_factory=list)
     rejected: int = 0
     dead_letters: int = 0
+    rounds: int = 0
     last_losses: dict[str, float] = field(default_factory=dict)
 
 
@@ -70,11 +81,19 @@ class Trainer:
         self.settings = settings
         self.hooks = hooks or Hooks()
         self.join = JoinState(
-            window=settings.join_window, holdout_fraction=settings.holdout_fraction
+            window=settings.join_window,
+            holdout_fraction=settings.holdout_fraction,
+            min_teachers=settings.teachers_expected if settings.strategy == "multi_teacher" else 1,
         )
-        self.replay = ReplayBuffer(settings.replay_size)
+        self.replay = make_replay(settings.replay_balance, settings.replay_size)
         self.store = CheckpointStore(settings.checkpoint_dir)
-        self.publisher = Publisher(registry, bus.topics, tokenizer_json, PROMOTION_MARGIN)
+        self.offline = OfflineStore(
+            settings.checkpoint_dir / "offline", settings.offline_max_examples
+        )
+        self.publisher = Publisher(registry, bus.topics, tokenizer_json, settings)
+        self.growth = LabelGrowth(settings.label_growth_min_soft)
+        self._round_requested = False
+        self._round_open = False  # weights mid-round must not be checkpointed
         self.offsets: dict[TopicPartition, int] = {}
         self._last_soft = time.monotonic()
         self.stats = TrainerStats()
@@ -88,6 +107,7 @@ class Trainer:
     def restore(self) -> bool:
         snap = self.store.load()
         if snap is None:
+            self.offline.load_json(None)  # records made before any checkpoint are re-read
             return False
         st = snap.state
         labels = tuple(st["labels"])
@@ -107,6 +127,9 @@ class Trainer:
         self.learner.examples_seen = st["examples_seen"]
         self.join.load_json(st["join"])
         self.replay.load_json(st["replay"])
+        self.learner.teachers.load_json(st.get("teachers", {}))
+        self.offline.load_json(st.get("offline"))
+        self.growth.load_json(st.get("label_growth"))
         self.offsets = decode_offsets(st["offsets"])
         self.publisher.published_version = st.get("published_version")
         log.info("restored checkpoint at step %d", self.learner.steps)
@@ -114,7 +137,10 @@ class Trainer:
 
     async def checkpoint(self) -> None:
         """Snapshot in the loop (consistent), write in a worker thread."""
+        if self._round_open:
+            return
         snap = self._snapshot()
+        await asyncio.to_thread(self.offline.sync)
         await asyncio.to_thread(self.store.save, snap)
 
     def _snapshot(self) -> Snapshot:
@@ -132,6 +158,9 @@ class Trainer:
                 "examples_seen": self.learner.examples_seen,
                 "join": self.join.to_json(),
                 "replay": self.replay.to_json(),
+                "teachers": self.learner.teachers.to_json(),
+                "offline": self.offline.to_json(),
+                "label_growth": self.growth.to_json(),
                 "offsets": encode_offsets(self.offsets),
                 "published_version": self.publisher.published_version,
             },
@@ -145,16 +174,15 @@ class Trainer:
                 event = decode(kind, rec.value)  # validated even when the strategy ignores it
                 if rec.topic == self.topics.soft_labels:
                     self._last_soft = time.monotonic()
-                    if self.settings.strategy != "online":
+                    if self.settings.strategy not in SOFT_STRATEGIES:
                         event = None
                 if isinstance(event, HardLabel) and event.intent not in self.learner.labels:
                     # A new intent (a promotion started): grow the student's label space.
-                    self.learner.add_labels([event.intent])
-                    log.info(
-                        "new intent %r: student now has %d labels",
-                        event.intent,
-                        len(self.learner.labels),
-                    )
+                    self._grow([event.intent], "hard label")
+                elif isinstance(event, SoftLabel):
+                    new = self.growth.new_labels(event, self.learner.labels)
+                    if new:
+                        self._grow(new, f"teacher label set {event.label_set_version}")
                 if event is not None:
                     add(event)
             except PoisonRecord as exc:
@@ -162,6 +190,15 @@ class Trainer:
                 self.hooks.on_dead_letter(rec.topic, "poison")
                 self.stats.dead_letters += 1
             self.offsets[rec.tp] = rec.offset + 1
+
+    def _grow(self, new: list[str] | tuple[str, ...], source: str) -> None:
+        if self.learner.add_labels(new):
+            log.info(
+                "new labels %s from %s: student now has %d labels",
+                list(new),
+                source,
+                len(self.learner.labels),
+            )
 
     def _new_per_batch(self) -> int:
         """How many fresh examples a batch takes; the rest comes from the reservoir."""
@@ -188,15 +225,84 @@ class Trainer:
         )
         for ex in new:
             self.replay.add(ex)
-        batch = new + old
+        if self.settings.strategy == "multi_teacher":
+            self._observe_teachers(new)
+        await self._learn(new + old, starved)
+
+    def _observe_teachers(self, new: list[Example]) -> None:
+        """Score each teacher on the fresh hard labels (once per example: a hard label
+        is taken for training once)."""
+        panel = self.learner.teachers
+        scored = False
+        for ex in new:
+            if ex.hard is not None and ex.teacher_labels:
+                panel.observe(ex.teacher_labels, ex.hard)
+                scored = True
+        if scored:
+            ids = sorted(panel.seen)
+            self.hooks.on_teacher_weights(dict(zip(ids, panel.weights(ids), strict=True)))
+
+    async def _learn(self, batch: list[Example], self_targets: bool = False) -> None:
         losses = await asyncio.to_thread(
-            functools.partial(self.learner.learn_many, batch, self_targets=starved)
+            functools.partial(self.learner.learn_many, batch, self_targets=self_targets)
         )
         self.stats.steps += 1
         self.stats.last_losses = losses
         self.hooks.on_train_step(
             {k: v for k, v in losses.items() if k != "seconds"}, len(batch), losses["seconds"]
         )
+
+    # -- offline rounds ---------------------------------------------------------------------
+    def request_round(self) -> None:
+        """Train a round on what is recorded so far, at the loop's next turn (offline).
+
+        With nothing recorded yet the round waits for the first example. Other
+        strategies learn continuously and ignore the request.
+        """
+        if self.settings.strategy != "offline":
+            log.warning(
+                "round requested, but the %s strategy has no rounds", self.settings.strategy
+            )
+            return
+        log.info("offline round requested (%d examples recorded)", self.offline.count)
+        self._round_requested = True
+
+    def _round_due(self) -> bool:
+        due = self.offline.count >= self.settings.offline_train_after or self._round_requested
+        return due and self.offline.count > 0
+
+    async def _record(self, producer: Producer, stop: asyncio.Event) -> None:
+        """Record what the join has ready; checkpoint now and then; train when due."""
+        before = self.offline.count
+        if self.offline.append(self.join.take_ready(self.join.ready_count)):
+            self.hooks.on_offline_record(self.offline.count)
+        every = CHECKPOINT_EVERY_STEPS * self.settings.batch_size
+        if self._round_due():
+            await self._offline_round(producer, stop)
+        elif self.offline.count // every > before // every:
+            await self.checkpoint()
+
+    async def _offline_round(self, producer: Producer, stop: asyncio.Event) -> None:
+        """Epochs over the recorded set, then gate + publish and the next round.
+
+        A stop mid-round abandons it uncheckpointed: the restart redoes it from the
+        weights and records of the last checkpoint.
+        """
+        s = self.settings
+        examples = self.offline.examples()
+        log.info("offline round %d: %d examples", self.offline.round, len(examples))
+        self._round_open = True
+        for batch in round_batches(examples, s.offline_epochs, s.batch_size, self.offline.round):
+            if stop.is_set():
+                return
+            await self._learn(batch)
+        self._round_open = self._round_requested = False
+        self.stats.rounds += 1
+        self.offline.rotate()
+        self.hooks.on_offline_record(0)
+        await self.publish_now(producer)
+        await self.checkpoint()
+        await asyncio.to_thread(self.offline.prune)
 
     async def publish_now(self, producer: Producer) -> bool:
         cand = await asyncio.to_thread(self.publisher.evaluate, self.learner, self.join)
@@ -236,6 +342,9 @@ class Trainer:
                 backlog = self.join.ready_count >= self._new_per_batch()
                 records = await consumer.getmany(timeout_ms=0 if backlog else 200, max_records=2000)
                 await self._ingest(producer, records)
+                if self.settings.strategy == "offline":
+                    await self._record(producer, stop)
+                    continue
                 ready = self.join.ready_count
                 if ready >= self._new_per_batch() or (
                     ready >= self.settings.min_examples_to_train and not records
@@ -252,3 +361,18 @@ class Trainer:
                     await self.checkpoint()
                     last_publish, steps_at_publish = time.monotonic(), self.learner.steps
             await self.checkpoint()
+
+
+ROUND_SIGNAL = signal.SIGUSR1
+
+
+def round_on_signal(trainer: Trainer, loop: asyncio.AbstractEventLoop | None = None) -> bool:
+    """SIGUSR1 to this process calls ``trainer.request_round()`` (the operator's trigger:
+    ``kill -USR1 <trainer pid>``); False where the loop cannot handle signals."""
+    loop = loop or asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(ROUND_SIGNAL, trainer.request_round)
+    except (NotImplementedError, RuntimeError, ValueError):
+        return False
+    log.info("SIGUSR1 requests an offline round")
+    return True

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
@@ -248,6 +248,7 @@ class _ServeThread:
         async with run_serve(
             self.registry, settings, bus, host="127.0.0.1", port=0, poll_interval_s=0.5
         ) as serve:
+            await serve.core.wait_ready(20)  # the fuzzers expect answers, not "still loading"
             self.url = serve.url
             self._ready.set()
             await self._stop.wait()
@@ -354,15 +355,25 @@ def test_classify_body_fuzz_is_200_or_4xx(live: str) -> None:
 
         @settings(max_examples=150, deadline=None, database=None, derandomize=True)
         @given(body=CLASSIFY_LIKE | JSON)
+        # Valid bodies are always tried too: what hypothesis draws varies with its environment.
+        @example(body={"text": "where is my order"})
+        @example(body={"turns": [{"role": "agent", "text": "hi"}, {"role": "user", "text": "¼"}]})
+        @example(body={"text": "\u202ecancel\x00 it", "conversation_id": "c1", "deadline_ms": 5e3})
         def check(body: Any) -> None:
             resp = client.post("/v1/classify", json=body)
             seen.add(resp.status_code)
+            if resp.status_code == 503:
+                # A budget of a few ms may honestly be unmeetable: refused at once, never a crash.
+                deadline = body.get("deadline_ms") if isinstance(body, dict) else None
+                assert isinstance(deadline, int | float) and deadline < 50, (body, resp.text)
+                assert "deadline" in resp.json()["detail"] and resp.headers["Retry-After"]
+                return
             assert resp.status_code in (200, 422), (body, resp.status_code, resp.text)
             if resp.status_code == 422:
                 assert resp.json()["detail"], body
 
         check()
-    assert seen == {200, 422}
+    assert {200, 422} <= seen
 
 
 FEEDBACK_LIKE = st.fixed_dictionaries(

@@ -1,0 +1,109 @@
+"""The request path's shortcuts: lone requests skip the thread hop, swapped-out models are freed,
+the direct route answers like the FastAPI one, loads run on a low-priority thread."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from stream_distill.events import Turn
+from stream_distill.registry.store import Registry
+from stream_distill.serving import batcher as batcher_module
+from stream_distill.serving import session as session_module
+from stream_distill.serving.session import FloatArray, StudentSession, in_background
+from stream_distill.testing import RecordingHooks, publish_bow, serve_for_test
+
+LABELS = ("order_status", "refund", "cancel_order", "greeting")
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(tmp_path / "registry")
+
+
+def record_threads(session: StudentSession, seen: list[tuple[int, str]]) -> None:
+    real = session.predict
+
+    def predict(batch: Sequence[Sequence[Turn]]) -> FloatArray:
+        seen.append((len(batch), threading.current_thread().name))
+        return real(batch)
+
+    session.predict = predict  # type: ignore[method-assign]
+
+
+async def test_lone_requests_run_inline_and_bursts_on_the_worker(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # any batch time counts as fast: a loaded test machine must not make this flaky
+    monkeypatch.setattr(batcher_module, "INLINE_MAX_S", 10.0)
+    publish_bow(registry, LABELS, seed=3)
+    hooks = RecordingHooks()
+    seen: list[tuple[int, str]] = []
+    async with serve_for_test(registry, hooks=hooks, batch_max_size=8) as (serve, client):
+        assert serve.core.session is not None
+        record_threads(serve.core.session, seen)
+        for i in range(5):  # one at a time: the model is idle whenever one arrives
+            r = await client.post("/v1/classify", json={"text": f"where is order {i}"})
+            assert r.status_code == 200, r.text
+        lone = list(seen)
+        seen.clear()
+        burst = await asyncio.gather(
+            *(client.post("/v1/classify", json={"text": f"refund {i}"}) for i in range(24))
+        )
+    assert all(r.status_code == 200 for r in burst)
+    # the first batch teaches the batcher how long a batch takes; after it, no thread hop
+    assert lone[0] == (1, lone[0][1]) and lone[0][1].startswith("sd-batch")
+    assert {name for _, name in lone[1:]} == {threading.main_thread().name}
+    # requests that queue up are batched and run on the worker, not on the event loop
+    assert any(size > 1 for size, _ in seen)
+    assert all(name.startswith("sd-batch") for size, name in seen if size > 1)
+
+
+async def test_swapped_out_sessions_are_freed(registry: Registry) -> None:
+    publish_bow(registry, LABELS, seed=1)
+    publish_bow(registry, LABELS, seed=2)
+    # keep_versions=1: a swapped-out model is no longer needed for a rollback
+    async with serve_for_test(registry, keep_versions=1, poll_interval_s=60) as (serve, client):
+        freed = []
+        for version in ("v1", "v2", "v1", "v2"):
+            r = await client.post("/v1/classify", json={"text": "where is my order"})
+            assert r.status_code == 200, r.text
+            assert serve.core.session is not None
+            old = weakref.ref(serve.core.session)
+            assert await serve.core.load_version(version)
+            gc.collect()
+            # freed at once: no batch, answer or loop variable keeps the old model alive
+            freed.append(old() is None)
+    assert freed == [True] * 4
+
+
+async def test_direct_route_answers_like_the_router(registry: Registry) -> None:
+    publish_bow(registry, LABELS, seed=3)
+    async with serve_for_test(registry) as (_, client):
+        ok = await client.post("/v1/classify", json={"text": "refund please"})
+        invalid = await client.post("/v1/classify", json={"text": ""})
+        wrong_method = await client.get("/v1/classify")
+        spec = (await client.get("/openapi.json")).json()
+    assert ok.status_code == 200 and ok.headers["content-type"] == "application/json"
+    assert set(ok.json()) >= {"request_id", "intent", "confidence", "top", "model_version"}
+    assert invalid.status_code == 422 and invalid.json()["detail"][0]["msg"]
+    assert wrong_method.status_code == 405  # everything but POST still goes to the router
+    assert "post" in spec["paths"]["/v1/classify"]  # and the route is still documented
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="no per-thread nice values")
+async def test_loads_run_on_a_lower_priority_thread() -> None:
+    def where() -> tuple[str, int]:
+        name = threading.current_thread().name
+        return name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    name, nice = await in_background(where)
+    assert name.startswith("sd-load")
+    assert nice >= min(19, os.getpriority(os.PRIO_PROCESS, 0) + session_module.LOAD_NICE)
