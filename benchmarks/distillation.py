@@ -50,6 +50,7 @@ from stream_distill.config import KafkaSettings, TrainerSettings
 from stream_distill.data.synthetic import LabeledTurn, labelled_examples
 from stream_distill.demo.evaluate import count_records, student_accuracy, teacher_accuracy
 from stream_distill.demo.procs import RoleProcesses
+from stream_distill.demo.run import wait_ready
 from stream_distill.demo.traffic import Chatbot
 from stream_distill.registry.store import Registry
 
@@ -147,20 +148,6 @@ class _Curve:
                 await asyncio.wait_for(stop.wait(), every_s)
 
 
-async def _wait_ready(base: str, procs: RoleProcesses, timeout_s: float = 180.0) -> None:
-    end = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(base_url=base, timeout=2.0) as c:
-        while time.monotonic() < end:
-            procs.check_alive()
-            try:
-                if (await c.get("/v2/health/ready")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.5)
-    raise RuntimeError("serve did not become ready: see the role logs")
-
-
 ChatbotFactory = Callable[[str, str, Registry], Chatbot]
 Probe = Callable[[KafkaBus, Registry], Awaitable[dict[str, Any]]]
 
@@ -213,7 +200,7 @@ async def run_strategy(
         procs.start("serve", "--host", "127.0.0.1", "--port", str(port))
         try:
             base = f"http://127.0.0.1:{port}"
-            await _wait_ready(base, procs)
+            await wait_ready(base, procs, timeout_s=180.0)
             registry = Registry(registry_dir)
             if chatbot is not None:
                 bot = chatbot(base, token, registry)

@@ -408,10 +408,12 @@ class TeacherSettings(_Section):
         default=0.15, gt=0, lt=1, description="adaptive, relative: share of requests uncertain."
     )
     sample_uncertainty_window: int = Field(
-        default=1000, ge=1, description="adaptive, relative: recent requests behind that share."
+        default=1000,
+        ge=1,
+        description="adaptive, relative: recent requests per student version behind that share.",
     )
     sample_disagreement_gain: float = Field(
-        default=2.0,
+        default=0.4,
         ge=0,
         description="adaptive: a confident request is scored with p = gain × disagreement rate.",
     )

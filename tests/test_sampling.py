@@ -26,6 +26,8 @@ from stream_distill.teacher.sampling import (
     RANDOM_FLOOR,
     SKIPPED_CONFIDENT,
     UNCERTAIN,
+    VERSIONS_KEPT,
+    WARMUP,
     AdaptiveSampler,
     Disagreement,
     RollingTop,
@@ -258,12 +260,12 @@ def test_relative_golden_decisions() -> None:
     picked = [m for m, d in zip(margins, decisions, strict=True) if d.score]
     assert picked == [0.05, 0.01, 0.2]  # the three lowest margins, in arrival order
     assert {d.reason for d in decisions if d.score} == {UNCERTAIN}
-    assert sampler.threshold == pytest.approx(1 - 0.3)
+    assert sampler.threshold("v1") == pytest.approx(1 - 0.3)
     # the next batch is judged against the rolled window, not the first batch's cut (margin
     # 0.3, which all of these are below): margins 0.6 0.2 0.8 0.4 + five 0.25 + 0.26; the
     # top 3 are 0.2 and two 0.25s that tie with three more: only 0.2 (gone) lies above
     later = sampler.choose([_flat(20 + i, 0.25) for i in range(5)] + [_flat(30, 0.26)])
-    assert sampler.threshold == pytest.approx(0.75)
+    assert sampler.threshold("v1") == pytest.approx(0.75)
     assert not any(d.score for d in later)
 
 
@@ -301,14 +303,39 @@ def test_relative_threshold_follows_the_student() -> None:
     rng = random.Random(5)
     for i in range(0, 2000, 50):  # an early student: margins on [0, 0.3]
         sampler.choose([_flat(i + j, rng.uniform(0.0, 0.3)) for j in range(50)])
-    early = sampler.threshold
+    early = sampler.threshold("v1")
     late: list[bool] = []
     for i in range(0, 2000, 50):  # it learns: margins on [0.5, 1.0]
         batch = [_flat(i + j, rng.uniform(0.5, 1.0)) for j in range(50)]
         late += [d.score for d in sampler.choose(batch)]
-    assert early is not None and sampler.threshold is not None
-    assert 1 - early > 0.0 and 1 - sampler.threshold > 0.5  # the margin cut moved up
+    late_threshold = sampler.threshold("v1")
+    assert early is not None and late_threshold is not None
+    assert 1 - early > 0.0 and 1 - late_threshold > 0.5  # the margin cut moved up
     assert sum(late[-1000:]) / 1000 == pytest.approx(0.15, abs=0.03)  # and the share held
+
+
+def test_each_student_version_is_ranked_against_its_own_answers() -> None:
+    sampler = AdaptiveSampler(_settings(sample_floor=0.0), rng=random.Random(12))
+    rng = random.Random(13)
+
+    def answer(i: int, version: str) -> RequestEvent:
+        low = 0.0 if version == "v1" else 0.5  # v2 is surer of everything
+        return _flat(i, rng.uniform(low, low + 0.3)).model_copy(update={"model_version": version})
+
+    for i in range(0, 1000, 50):
+        sampler.choose([answer(i + j, "v1") for j in range(50)])
+    assert sampler.threshold("v2") is None
+    # a canary: both answer side by side; against v1's window no v2 answer would be uncertain
+    picked: Counter[str] = Counter()
+    for i in range(0, 4000, 50):
+        batch = [answer(i + j, "v1" if j % 2 else "v2") for j in range(50)]
+        for e, d in zip(batch, sampler.choose(batch), strict=True):
+            picked[e.model_version] += d.score
+    assert picked["v1"] / 2000 == pytest.approx(0.15, abs=0.03)
+    assert picked["v2"] / 2000 == pytest.approx(0.15, abs=0.03)
+    for n in range(3, 3 + VERSIONS_KEPT):  # old versions' windows are let go
+        sampler.choose([answer(i, f"v{n}") for i in range(WARMUP)])
+    assert sampler.threshold("v1") is None and sampler.threshold(f"v{n}") is not None
 
 
 def test_budget_goes_to_the_most_uncertain_first() -> None:

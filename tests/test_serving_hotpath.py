@@ -43,6 +43,7 @@ async def test_lone_requests_run_inline_and_bursts_on_the_worker(
 ) -> None:
     # any batch time counts as fast: a loaded test machine must not make this flaky
     monkeypatch.setattr(batcher_module, "INLINE_MAX_S", 10.0)
+    monkeypatch.setattr(batcher_module, "INLINE_MAX_LOAD", 1.0)
     publish_bow(registry, LABELS, seed=3)
     hooks = RecordingHooks()
     seen: list[tuple[int, str]] = []
@@ -64,6 +65,29 @@ async def test_lone_requests_run_inline_and_bursts_on_the_worker(
     # requests that queue up are batched and run on the worker, not on the event loop
     assert any(size > 1 for size, _ in seen)
     assert all(name.startswith("sd-batch") for size, name in seen if size > 1)
+
+
+async def test_busy_arrivals_keep_the_loop_free() -> None:
+    """At high arrival rates the loop must keep reading requests while the model runs."""
+    from stream_distill.config import ServeSettings
+    from stream_distill.metrics.hooks import Hooks
+
+    now = [0.0]
+    batcher = batcher_module.Batcher(lambda: None, ServeSettings(), Hooks(), lambda: now[0])
+    batcher.service_s = 0.002  # a 2 ms model
+    lone = [object()]
+    for _ in range(20):  # 200 req/s: busy 40 % of the time
+        now[0] += 0.005
+        batcher._arrival(now[0])
+    assert batcher._inline(lone)  # type: ignore[arg-type]
+    for _ in range(40):  # 500 req/s: busy 100 % of the time
+        now[0] += 0.002
+        batcher._arrival(now[0])
+    assert not batcher._inline(lone)  # type: ignore[arg-type]
+    batcher.service_s = 0.02  # a slow model never runs on the loop
+    now[0] += 10.0
+    batcher._arrival(now[0])
+    assert not batcher._inline(lone)  # type: ignore[arg-type]
 
 
 async def test_swapped_out_sessions_are_freed(registry: Registry) -> None:

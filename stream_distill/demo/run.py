@@ -97,7 +97,8 @@ async def _demo(
             procs.stop_all()
 
 
-async def _wait_ready(base: str, procs: RoleProcesses, timeout_s: float = 120.0) -> None:
+async def wait_ready(base: str, procs: RoleProcesses, timeout_s: float = 120.0) -> None:
+    """Until serve at ``base`` is ready; raises if a role died or ``timeout_s`` passed."""
     end = time.monotonic() + timeout_s
     async with httpx.AsyncClient(base_url=base, timeout=2.0) as c:
         while time.monotonic() < end:
@@ -124,7 +125,7 @@ async def _drive(
 ) -> int:
     base = f"http://127.0.0.1:{port}"
     registry = open_registry(settings.registry)
-    await _wait_ready(base, procs)
+    await wait_ready(base, procs)
     holdout = labelled_examples(plan.holdout_turns, seed=999)  # never sent to serve
     first = registry.list_versions()[0]
     acc_first = await asyncio.to_thread(student_accuracy, registry, first, holdout)

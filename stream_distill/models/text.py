@@ -53,8 +53,12 @@ class TextEncoder:
     def __init__(self, tokenizer: Tokenizer, max_length: int = 64) -> None:
         self.max_length = max_length
         self._tok = tokenizer
-        self._tok.no_padding()
-        self._tok.no_truncation()
+        # Only when set: a tokenizer shared by several encoders must not be mutated while
+        # another thread encodes with it.
+        if tokenizer.padding is not None:
+            tokenizer.no_padding()
+        if tokenizer.truncation is not None:
+            tokenizer.no_truncation()
         self._pad_id = tokenizer.token_to_id("[PAD]") or 0
 
     @classmethod

@@ -6,8 +6,10 @@ passed since the first, and hands the batch to a single worker thread that token
 and runs it, so the event loop stays free to take the next requests. While a batch
 runs, the next one queues up, so under load batches grow on their own even with no
 wait at all. The one exception: a lone request on an idle, fast model (batches under
-:data:`INLINE_MAX_S`) runs on the event loop, since the two thread hops would cost it
-more than anyone waits meanwhile; under load batches form first and go to the worker.
+:data:`INLINE_MAX_S`) at light load (the model busy at most :data:`INLINE_MAX_LOAD` of
+the time between arrivals) runs on the event loop, since the two thread hops would cost
+it more than anyone waits meanwhile. Under heavier load the loop must stay free to read
+the next requests while the model runs, or batches never form: those go to the worker.
 
 Each batch reads the current session once, after it is formed: every answer in it
 names that one version, and a request that arrived after a swap is never answered by
@@ -45,6 +47,9 @@ EWMA_ALPHA = 0.2
 
 INLINE_MAX_S = 0.005
 """Longest recent batch time at which a lone request on an idle model runs on the loop."""
+
+INLINE_MAX_LOAD = 0.5
+"""Highest service time / mean gap between arrivals at which requests may run inline."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +94,9 @@ class Batcher:
         self._inflight: list[_Pending] = []
         self.service_s = 0.0
         """EWMA of batch latency in seconds (0 until the first batch ran)."""
+        self.gap_s = math.inf
+        """EWMA of the time between request arrivals in seconds."""
+        self._last_arrival: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -137,6 +145,7 @@ class Batcher:
     async def run(self, dialogue: Sequence[Turn], deadline: float) -> Answer:
         """Queue ``dialogue`` and wait for its answer, within ``deadline`` (clock seconds)."""
         self.start()
+        self._arrival(self._clock())
         idle = self._running_since is None and self._queue.empty()
         if self.reject_late and not idle:
             expected = self.expected_wait_s()
@@ -169,6 +178,25 @@ class Batcher:
             # Given up on (deadline, or the caller went away): the batcher skips it.
             pending.future.cancel()
 
+    def _arrival(self, now: float) -> None:
+        last, self._last_arrival = self._last_arrival, now
+        if last is not None:
+            gap = now - last
+            self.gap_s = (
+                gap
+                if math.isinf(self.gap_s)
+                else (EWMA_ALPHA * gap + (1 - EWMA_ALPHA) * self.gap_s)
+            )
+
+    def _inline(self, batch: list[_Pending]) -> bool:
+        """Run on the loop: one request, nothing queued, a fast model, light load."""
+        return (
+            len(batch) == 1
+            and self._queue.empty()
+            and 0 < self.service_s <= INLINE_MAX_S
+            and self.service_s <= INLINE_MAX_LOAD * self.gap_s
+        )
+
     def _expire(self, pending: _Pending) -> None:
         _fail(
             pending,
@@ -192,7 +220,7 @@ class Batcher:
             self._inflight = batch
             dialogues = [p.dialogue for p in batch]
             try:
-                if len(batch) == 1 and self._queue.empty() and 0 < self.service_s <= INLINE_MAX_S:
+                if self._inline(batch):
                     rows = _predict(session, dialogues)  # nobody waits: skip the thread hops
                 else:
                     rows = await loop.run_in_executor(self._executor, _predict, session, dialogues)

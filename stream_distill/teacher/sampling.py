@@ -12,7 +12,10 @@ A pure policy (no I/O, clock and RNG injected). Per request it asks, in order:
      tens of labels), so absolute thresholds call all of it uncertain; the ranking still
      says which answers are shaky. The margin does not depend on the label count (which
      the event does not carry) nor on the distribution's tail.
-     Until the window holds ``WARMUP`` scores the absolute thresholds decide.
+     Each student version has its own window (a new version is usually surer: judged
+     against the old one's scores, too few of its answers would count as uncertain; in a
+     canary two versions answer side by side); until a version's window holds ``WARMUP``
+     scores the absolute thresholds decide for its requests.
    - ``absolute``: entropy at or above ``sample_entropy_above``, or margin at or below
      ``sample_margin_below``.
 2. **disagreement**: with probability ``min(1, gain × rate)``, where ``rate`` is the rolling
@@ -29,7 +32,8 @@ Those left without a token are ``budget_exhausted``; the unwanted are
 ``skipped_confident``. Skipped requests are committed unscored. With no budget the scored
 share is about
 ``sample_uncertain_fraction + (1 - sample_uncertain_fraction) × max(floor, gain × rate)``:
-0.15 + 0.85 × 0.05–0.15 ≈ 0.2–0.3 with the defaults.
+with the defaults 0.15 + 0.85 × max(0.05, 0.4 × rate), 0.19–0.27 for disagreement rates up
+to 0.35 (a young student; the rates fall as it learns).
 
 The budget belongs to one scorer process: N teacher processes in one group spend up to
 N × ``sample_budget_rps`` together, so give each ``total / N``.
@@ -59,7 +63,8 @@ SKIPPED_CONFIDENT = "skipped_confident"
 REASONS = (UNCERTAIN, DISAGREEMENT, RANDOM_FLOOR, BUDGET_EXHAUSTED, SKIPPED_CONFIDENT)
 _PRIORITY = {UNCERTAIN: 0, DISAGREEMENT: 1, RANDOM_FLOOR: 2}
 RATE_WINDOW = 1000  # decisions behind the sampling-rate gauge
-WARMUP = 50  # uncertainty scores the relative threshold needs (before: absolute thresholds)
+WARMUP = 20  # uncertainty scores the relative threshold needs (before: absolute thresholds)
+VERSIONS_KEPT = 4  # student versions with an uncertainty window (the oldest goes first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,10 +180,8 @@ class AdaptiveSampler:
         self.disagreement = Disagreement(settings.sample_window, settings.sample_min_observations)
         self.decisions: Counter[str] = Counter()
         self._recent: deque[bool] = deque(maxlen=RATE_WINDOW)
-        self.scores = RollingTop(
-            settings.sample_uncertainty_window, settings.sample_uncertain_fraction
-        )
-        self.threshold: float | None = None  # relative mode: uncertain above this; None: absolute
+        self._scores: dict[str, RollingTop] = {}  # by student version
+        self._thresholds: dict[str, float] = {}  # relative mode, once a version is warm
 
     @property
     def rate(self) -> float:
@@ -191,17 +194,36 @@ class AdaptiveSampler:
         Relative: strictly above the threshold of the last :meth:`choose`, so a stream of
         equal scores has no uncertain requests (nothing to rank them by).
         """
-        if self.threshold is not None:
-            return uncertainty(event) > self.threshold
+        threshold = self._thresholds.get(event.model_version)
+        if threshold is not None:
+            return uncertainty(event) > threshold
         s = self.settings
         return event.entropy >= s.sample_entropy_above or event.margin <= s.sample_margin_below
 
-    def _update_threshold(self, events: Sequence[RequestEvent]) -> None:
-        if self.settings.sample_uncertainty != "relative":
+    def threshold(self, model_version: str) -> float | None:
+        """Relative mode: a version's answers above this are uncertain; None: absolute."""
+        return self._thresholds.get(model_version)
+
+    def _update_thresholds(self, events: Sequence[RequestEvent]) -> None:
+        s = self.settings
+        if s.sample_uncertainty != "relative":
             return
-        self.scores.extend([uncertainty(e) for e in events])
-        if len(self.scores) >= min(WARMUP, self.scores.window):
-            self.threshold = self.scores.threshold()
+        by_version: dict[str, list[float]] = {}
+        for e in events:
+            by_version.setdefault(e.model_version, []).append(uncertainty(e))
+        for version, scores in by_version.items():
+            window = self._scores.pop(version, None) or RollingTop(
+                s.sample_uncertainty_window, s.sample_uncertain_fraction
+            )
+            self._scores[version] = window  # (re)inserted: the most recently seen is last
+            window.extend(scores)
+            threshold = window.threshold()
+            if threshold is not None and len(window) >= min(WARMUP, window.window):
+                self._thresholds[version] = threshold
+        while len(self._scores) > VERSIONS_KEPT:
+            oldest = next(iter(self._scores))
+            del self._scores[oldest]
+            self._thresholds.pop(oldest, None)
 
     def want(self, event: RequestEvent) -> str | None:
         """Why ``event`` should be scored (one RNG draw per call), or None."""
@@ -223,7 +245,7 @@ class AdaptiveSampler:
         The batch joins the uncertainty window before the threshold is taken, so one
         threshold serves the whole batch and the decisions do not depend on its order.
         """
-        self._update_threshold(events)
+        self._update_thresholds(events)
         wants = [self.want(e) for e in events]
         decisions = [Decision(False, SKIPPED_CONFIDENT)] * len(events)
         wanted = [(i, w) for i, w in enumerate(wants) if w is not None]
