@@ -18,7 +18,7 @@ Writes JSON with:
 - ``rss_growth_mb_200_swaps``: serve's RSS after 200 more swaps minus before them.
 
     .venv/bin/python benchmarks/serving.py --json benchmarks/results/serving.json
-    .venv/bin/python benchmarks/serving.py --quick --json /tmp/serving-quick.json
+    .venv/bin/python benchmarks/serving.py --quick --json serving-quick.json
 """
 
 from __future__ import annotations
