@@ -100,11 +100,12 @@ class TeacherSettings(Section):
             " its partitions (and keeps polling, so the group does not rebalance)."
         ),
     )
-    precision: Literal["float32", "bfloat16"] = Field(
-        default="float32",
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
         description=(
             "bfloat16: score under CPU autocast, ~2.5x faster where the CPU has AMX or"
-            " AVX512-BF16 (logits move ~0.03), much slower where it has neither."
+            " AVX512-BF16 (logits move ~0.03), much slower where it has neither; auto:"
+            " bfloat16 exactly where the CPU has one of them."
         ),
     )
     sampling: Literal["all", "adaptive"] = Field(
@@ -238,7 +239,22 @@ class TrainerSettings(Section):
     offline_epochs: int = Field(
         default=3, ge=1, description="offline: passes over the recorded set per round."
     )
-    ema_decay: float = Field(default=0.99, gt=0, lt=1, description="EMA teacher decay.")
+    ema_decay: float = Field(
+        default=0.995,
+        gt=0,
+        lt=1,
+        description=(
+            "Decay of the EMA of the weights (the EMA teacher; with publish_ema the candidate);"
+            " step t uses min(this, (1+t)/(10+t))."
+        ),
+    )
+    publish_ema: bool = Field(
+        default=True,
+        description=(
+            "Offer the EMA of the weights as the candidate instead of the latest weights"
+            " (Polyak averaging: steadier versions from a noisy stream)."
+        ),
+    )
     self_fallback_s: float = Field(
         default=120.0,
         gt=0,
@@ -270,6 +286,14 @@ class TrainerSettings(Section):
     threads: int = Field(
         default=1, ge=1, description="torch threads (1 per role: more stall on small hosts)."
     )
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description=(
+            "Forward passes of training steps under CPU autocast to bfloat16 (weights,"
+            " gradients and optimizer state stay float32): ~2x faster steps where the CPU"
+            " has AMX or AVX512-BF16; auto: bfloat16 exactly there. Exports are float32."
+        ),
+    )
     freeze_word_embeddings: bool = Field(
         default=True, description="Keep the vocabulary matrix fixed (faster steps, small state)."
     )
@@ -286,6 +310,25 @@ class TrainerSettings(Section):
     )
     replay_ratio: float = Field(
         default=0.5, ge=0, lt=1, description="Share of each batch drawn from the reservoir."
+    )
+    idle_replay_factor: float = Field(
+        default=4.0,
+        ge=0,
+        description=(
+            "While no fresh batch is ready, keep learning from the reservoir alone, up to this"
+            " many replayed examples per fresh example taken so far (0: only learn on arrivals)."
+        ),
+    )
+    checkpoint_every_steps: int = Field(
+        default=100, ge=1, description="Write the checkpoint after this many steps..."
+    )
+    checkpoint_every_s: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "...or after this long with new steps (and at every publish and stop). A restart"
+            " re-reads what came after the last one: exactly once either way."
+        ),
     )
     head_lr_multiplier: float = Field(
         default=3.0, gt=0, description="The classifier head learns this much faster."

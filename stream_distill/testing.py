@@ -199,6 +199,9 @@ class RecordingHooks(Hooks):
     def on_dead_letter(self, topic: str, reason: str) -> None:
         self.calls.append(("on_dead_letter", (topic, reason)))
 
+    def on_idle_replay(self, examples: int) -> None:
+        self.calls.append(("on_idle_replay", (examples,)))
+
     def on_teacher_batch(self, size: int, seconds: float) -> None:
         self.calls.append(("on_teacher_batch", (size, seconds)))
 

@@ -318,8 +318,9 @@ def test_online_falls_back_to_the_ema_teacher_without_soft_labels(tmp_path: Path
     from stream_distill.trainer.join import Example
 
     teacher = _teacher()
+    settings = _settings(tmp_path, publish_ema=False)  # no EMA until the fallback makes one
     learner = learner_from_teacher(
-        teacher, ModelSettings(max_length=32, student_layers=(0,)), _settings(tmp_path)
+        teacher, ModelSettings(max_length=32, student_layers=(0,)), settings
     )
     data = [e for e in labelled_examples(30, seed=4) if e.intent in LABELS][:8]
     examples = [Example(f"r{i}", e.turns, None, None) for i, e in enumerate(data)]
@@ -373,3 +374,92 @@ async def test_a_new_intent_grows_the_label_space(tmp_path: Path) -> None:
     )
     t2 = Trainer(bus, registry, again, settings, teacher.encoder.to_str())
     assert t2.restore() and again.labels == learner.labels
+
+
+@pytest.mark.parametrize("factor", [0.0, 1.5])
+async def test_idle_replay_learns_from_the_reservoir_within_its_budget(
+    tmp_path: Path, factor: float
+) -> None:
+    bus = MemoryBus(Topics("x."))
+    await bus.ensure_topics()
+    teacher = _teacher()
+    settings = _settings(tmp_path, idle_replay_factor=factor, publish_every_steps=1000)
+    learner = learner_from_teacher(
+        teacher, ModelSettings(max_length=32, student_layers=(0, 1)), settings
+    )
+    hooks = RecordingHooks()
+    trainer = Trainer(
+        bus, Registry(tmp_path / "reg"), learner, settings, teacher.encoder.to_str(), hooks
+    )
+    await _feed(bus, teacher, 40)
+    budget = int(factor * 40) // settings.batch_size * settings.batch_size
+    await _run_until(trainer, lambda: trainer.fresh_taken == 40 and trainer.idle_replayed >= budget)
+    assert trainer.fresh_taken == 40
+    replayed = [n for (n,) in hooks.named("on_idle_replay")]
+    assert sum(replayed) == trainer.idle_replayed == budget
+    if factor:
+        assert replayed and all(n == settings.batch_size for n in replayed)
+    # the budget is spent: the trainer goes quiet until fresh examples arrive
+    steps = trainer.learner.steps
+    await _run_until(trainer, lambda: False, timeout_s=1.0)
+    assert trainer.learner.steps == steps and trainer.idle_replayed == budget
+    fresh = learner_from_teacher(
+        teacher, ModelSettings(max_length=32, student_layers=(0, 1)), settings
+    )
+    again = Trainer(bus, Registry(tmp_path / "reg"), fresh, settings, teacher.encoder.to_str())
+    assert again.restore() and (again.fresh_taken, again.idle_replayed) == (40, budget)
+
+
+def test_precision_setting_resolves_and_bfloat16_steps_learn_like_float32(
+    tmp_path: Path,
+) -> None:
+    from stream_distill.models.precision import native_bfloat16, use_bfloat16
+    from stream_distill.trainer.join import Example
+
+    assert use_bfloat16("bfloat16") and not use_bfloat16("float32")
+    assert use_bfloat16("auto") == native_bfloat16()
+    teacher = _teacher()
+    rows = [e for e in labelled_examples(60, seed=3) if e.intent in LABELS][:16]
+    batch = [Example(f"r{i}", e.turns, None, e.intent) for i, e in enumerate(rows)]
+    curves = {}
+    for precision in ("float32", "bfloat16"):
+        settings = _settings(tmp_path, precision=precision, alpha=0.0, lr=3e-3)
+        learner = learner_from_teacher(
+            teacher, ModelSettings(max_length=32, student_layers=(0, 1)), settings
+        )
+        assert learner.bf16 == (precision == "bfloat16")
+        torch.manual_seed(0)  # the same dropout masks for both
+        curves[precision] = [learner.learn_many(batch)["ce"] for _ in range(16)]
+        assert all(p.dtype == torch.float32 for p in learner.model.parameters())
+    fp32, bf16 = curves["float32"], curves["bfloat16"]
+    assert all(np.isfinite(bf16)) and bf16[-1] < bf16[0] - 0.1
+    assert abs(bf16[-1] - fp32[-1]) < 0.05
+
+
+def test_publish_ema_exports_the_average_of_the_weights(tmp_path: Path) -> None:
+    from stream_distill.models.export import onnx_logits
+    from stream_distill.trainer.join import Example, JoinState
+    from stream_distill.trainer.learner import to_torch
+    from stream_distill.trainer.publish import Publisher
+
+    teacher = _teacher()
+    settings = _settings(tmp_path, publish_ema=True, ema_decay=0.5, alpha=0.0, lr=3e-3)
+    learner = learner_from_teacher(
+        teacher, ModelSettings(max_length=32, student_layers=(0, 1)), settings
+    )
+    rows = [e for e in labelled_examples(60, seed=5) if e.intent in LABELS][:16]
+    for _ in range(4):
+        learner.learn_many([Example(f"r{i}", e.turns, None, e.intent) for i, e in enumerate(rows)])
+    assert learner.candidate_model() is learner.ema
+    publisher = Publisher(
+        Registry(tmp_path / "reg"), Topics("x."), teacher.encoder.to_str(), settings
+    )
+    cand = publisher.evaluate(learner, JoinState(window=100, holdout_fraction=0.0))
+    batch = learner.encoder.encode([e.turns for e in rows])
+    got = onnx_logits(cand.onnx, [batch])
+    with torch.inference_mode():
+        ema = learner.ema(**to_torch(batch)).logits.numpy()
+        learner.model.eval()
+        raw = learner.model(**to_torch(batch)).logits.numpy()
+    assert np.abs(got - ema).max() <= 1e-4
+    assert np.abs(got - raw).max() > 1e-3  # the latest weights are not what was exported

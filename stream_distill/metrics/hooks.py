@@ -82,6 +82,9 @@ class Hooks:
     def on_train_step(self, losses: Mapping[str, float], examples: int, seconds: float) -> None:
         """One optimizer step with its loss components."""
 
+    def on_idle_replay(self, examples: int) -> None:
+        """A replay-only step (no fresh batch was ready) learned ``examples`` replayed ones."""
+
     def on_publish(self, version: str, accepted: bool) -> None:
         """A candidate was published (accepted) or held back by the gate."""
 

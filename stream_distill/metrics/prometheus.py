@@ -175,6 +175,11 @@ class PrometheusHooks(Hooks):
         self.trainer_examples = Counter(
             "sd_trainer_examples", "Training examples consumed.", registry=r
         )
+        self.trainer_idle_replayed = Counter(
+            "sd_trainer_idle_replayed_examples",
+            "Examples learned in replay-only steps (while no fresh batch was ready).",
+            registry=r,
+        )
         self.trainer_step_seconds = Histogram(
             "sd_trainer_step_seconds", "Wall time per optimizer step.", registry=r
         )
@@ -282,6 +287,9 @@ class PrometheusHooks(Hooks):
         self.trainer_step_seconds.observe(seconds)
         for component, value in losses.items():
             self.trainer_loss.labels(component).set(value)
+
+    def on_idle_replay(self, examples: int) -> None:
+        self.trainer_idle_replayed.inc(examples)
 
     def on_publish(self, version: str, accepted: bool) -> None:
         self.publishes.labels("accepted" if accepted else "held").inc()

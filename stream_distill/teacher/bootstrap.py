@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 from stream_distill.events import Turn
 from stream_distill.models.factory import load_classifier, tokenizer_json
+from stream_distill.models.precision import autocast, native_bfloat16
 from stream_distill.models.text import Batch, TextEncoder
 from stream_distill.teacher.model import TeacherModel, read_meta
 
@@ -69,20 +70,9 @@ def _batches(
     return out
 
 
-def _fast_bf16() -> bool:
-    """True on CPUs with AMX tiles, where bf16 matmuls run about twice as fast as fp32."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
-
-
 def _autocast() -> AbstractContextManager[object]:
     # Weights, gradients and optimizer state stay fp32; only the forward matmuls drop to bf16.
-    if _fast_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+    return autocast(native_bfloat16())
 
 
 def _take(batch: Batch, rows: list[int]) -> dict[str, torch.Tensor]:

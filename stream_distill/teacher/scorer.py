@@ -34,6 +34,7 @@ from stream_distill.errors import PoisonRecord
 from stream_distill.events import RequestEvent, SoftLabel, Turn
 from stream_distill.metrics.hooks import Hooks
 from stream_distill.models.factory import set_threads
+from stream_distill.models.precision import use_bfloat16
 from stream_distill.teacher.model import TeacherModel, TeacherOutput
 from stream_distill.teacher.sampling import AdaptiveSampler
 
@@ -164,7 +165,7 @@ class TeacherScorer:
 
     def _predict_now(self, dialogues: list[tuple[Turn, ...]], attention: bool) -> TeacherOutput:
         # autocast is per thread, so it is entered here, in the worker thread
-        bf16 = self.settings.precision == "bfloat16"
+        bf16 = use_bfloat16(self.settings.precision)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return self.model.predict(dialogues, attention=attention)
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from stream_distill.events import HardLabel, RequestEvent, SoftLabel, Turn
+from stream_distill.trainer.state_codec import SoftCodec
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,22 +189,25 @@ class JoinState:
 
     # -- checkpoint -----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        def dump(e: RequestEvent | SoftLabel | HardLabel | None) -> Any:
+        def dump(e: RequestEvent | HardLabel | None) -> Any:
             return e.model_dump(mode="json") if e is not None else None
 
+        codec = SoftCodec()  # soft labels are most of the bytes: see trainer.state_codec
+        pending = [
+            [
+                rid,
+                dump(p.request),
+                codec.dump(p.soft),
+                dump(p.hard),
+                p.trained,
+                p.trained_hard,
+                [codec.dump(s) for s in p.softs.values() if s is not p.soft],
+            ]
+            for rid, p in self._pending.items()
+        ]
         return {
-            "pending": [
-                [
-                    rid,
-                    dump(p.request),
-                    dump(p.soft),
-                    dump(p.hard),
-                    p.trained,
-                    p.trained_hard,
-                    [dump(s) for s in p.softs.values() if s is not p.soft],
-                ]
-                for rid, p in self._pending.items()
-            ],
+            "label_lists": codec.table(),
+            "pending": pending,
             "ready": list(self._ready),
             "feedback_ids": list(self._feedback_ids),
             "holdout": [[[t.model_dump() for t in turns], y] for turns, y in self.holdout],
@@ -212,9 +216,10 @@ class JoinState:
 
     def load_json(self, data: dict[str, Any]) -> None:
         self.__post_init__()
+        codec = SoftCodec(data.get("label_lists", ()))
         for rid, req, soft, hard, trained, trained_hard, *rest in data["pending"]:
-            latest = SoftLabel.model_validate(soft) if soft else None
-            others = [SoftLabel.model_validate(s) for s in (rest[0] if rest else [])]
+            latest = codec.load(soft)
+            others = [s for s in map(codec.load, rest[0] if rest else []) if s is not None]
             softs = {s.teacher_id: s for s in [*others, *([latest] if latest else [])]}
             self._pending[rid] = _Pending(
                 RequestEvent.model_validate(req) if req else None,

@@ -14,6 +14,7 @@ import torch
 from stream_distill.config import TrainerSettings
 from stream_distill.events import Turn
 from stream_distill.models.factory import extend_head
+from stream_distill.models.precision import autocast, use_bfloat16
 from stream_distill.models.text import Batch, TextEncoder
 from stream_distill.trainer.join import Example
 from stream_distill.trainer.losses import IGNORE, attention_alignment, combined, hard_ce, kd_kl
@@ -45,8 +46,12 @@ class Learner:
         self.optimizer = self._new_optimizer()
         self.steps = 0
         self.examples_seen = 0
-        # The EMA teacher of the "self" strategy (and of online's fallback); made on first use.
+        self.bf16 = use_bfloat16(settings.precision)
+        # The EMA of the weights: the "self" strategy's teacher (and online's fallback), and
+        # with publish_ema the candidate; made on first use.
         self.ema: Any = None
+        if settings.publish_ema:
+            self._ema_model()  # averaging starts with the first step
         self.teachers = TeacherPanel(
             settings.teacher_weighting,
             settings.teacher_weights,
@@ -100,10 +105,17 @@ class Learner:
                 p.requires_grad_(False)
         return self.ema
 
+    def candidate_model(self) -> Any:
+        """What a publish exports: the EMA of the weights with ``publish_ema``, else the
+        weights themselves."""
+        return self._ema_model() if self.settings.publish_ema else self.model
+
     def _update_ema(self) -> None:
         if self.ema is None:
             return
-        d = self.settings.ema_decay
+        # Warm-up: early on the average follows the weights closely, so it does not hold
+        # the untrained start for hundreds of steps (the num_updates rule of TF's EMA).
+        d = min(self.settings.ema_decay, (1 + self.steps) / (10 + self.steps))
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
                 e.mul_(d).add_(p.detach(), alpha=1.0 - d)
@@ -187,8 +199,9 @@ class Learner:
             and self.settings.attention_weight > 0
             and any(ex.soft is not None and ex.soft.attention for ex in examples)
         )
-        out = self.model(**feed, output_attentions=use_att)
-        logits = out.logits
+        with autocast(self.bf16):  # learn_many runs in a worker thread: autocast is per thread
+            out = self.model(**feed, output_attentions=use_att)
+        logits = out.logits.float()
         rows, t_logits = self._targets(examples, feed, self_targets)
         # Columns the teacher does not know are masked on both sides of the KD term.
         student_kd = logits[rows].masked_fill(t_logits <= MASKED, MASKED)
@@ -229,7 +242,7 @@ class Learner:
     @staticmethod
     def _attention_loss(out: Any, batch: Batch, examples: Sequence[Example]) -> torch.Tensor:
         """Student [CLS]→token attention (last layer, heads averaged) vs the teacher's."""
-        cls_attention = out.attentions[-1][:, :, 0, :].mean(dim=1)
+        cls_attention = out.attentions[-1][:, :, 0, :].float().mean(dim=1)
         first_segment = (batch.token_type_ids == 0) & (batch.attention_mask == 1)
         lengths = [int(n) for n in first_segment.sum(axis=1)]
         vectors = [

@@ -48,7 +48,6 @@ from stream_distill.trainer.replay import make_replay
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_EVERY_STEPS = 10
 EMA_PREFIX = "ema::"
 LAG_EVERY_S = 5.0
 SOFT_STRATEGIES = ("online", "offline", "multi_teacher")  # the ones that join soft labels
@@ -95,6 +94,9 @@ class Trainer:
         self._round_requested = False
         self._round_open = False  # weights mid-round must not be checkpointed
         self.offsets: dict[TopicPartition, int] = {}
+        self._ckpt_at = (time.monotonic(), 0)  # when, and at which step, the last one was
+        self.fresh_taken = 0  # fresh examples learned (what buys idle replay steps)
+        self.idle_replayed = 0  # examples learned in replay-only steps
         self._last_soft = time.monotonic()
         self.stats = TrainerStats()
         self._decoders: dict[str, Any] = {
@@ -132,6 +134,7 @@ class Trainer:
         self.growth.load_json(st.get("label_growth"))
         self.offsets = decode_offsets(st["offsets"])
         self.publisher.published_version = st.get("published_version")
+        self.fresh_taken, self.idle_replayed = st.get("idle_replay", (0, 0))
         log.info("restored checkpoint at step %d", self.learner.steps)
         return True
 
@@ -142,6 +145,13 @@ class Trainer:
         snap = self._snapshot()
         await asyncio.to_thread(self.offline.sync)
         await asyncio.to_thread(self.store.save, snap)
+        self._ckpt_at = (time.monotonic(), self.learner.steps)
+
+    def _checkpoint_due(self) -> bool:
+        at, steps = self._ckpt_at
+        new_steps = self.learner.steps - steps
+        late = time.monotonic() - at >= self.settings.checkpoint_every_s
+        return new_steps >= self.settings.checkpoint_every_steps or (new_steps > 0 and late)
 
     def _snapshot(self) -> Snapshot:
         params = list(self.learner.model.parameters())
@@ -163,6 +173,7 @@ class Trainer:
                 "label_growth": self.growth.to_json(),
                 "offsets": encode_offsets(self.offsets),
                 "published_version": self.publisher.published_version,
+                "idle_replay": [self.fresh_taken, self.idle_replayed],
             },
         )
 
@@ -225,9 +236,26 @@ class Trainer:
         )
         for ex in new:
             self.replay.add(ex)
+        self.fresh_taken += len(new)
         if self.settings.strategy == "multi_teacher":
             self._observe_teachers(new)
         await self._learn(new + old, starved)
+
+    def _idle_replay_allowed(self) -> bool:
+        """A replay-only step fits the budget: ``idle_replay_factor`` per fresh example."""
+        n = self.settings.batch_size
+        if len(self.replay) < n:
+            return False
+        return self.idle_replayed + n <= self.settings.idle_replay_factor * self.fresh_taken
+
+    async def _idle_step(self) -> None:
+        """No fresh batch is ready: learn from the reservoir alone (more passes over what
+        the stream brought, the way offline training makes epochs)."""
+        batch = self.replay.sample(self.settings.batch_size)
+        self.idle_replayed += len(batch)
+        starved = time.monotonic() - self._last_soft > self.settings.self_fallback_s
+        await self._learn(batch, starved)
+        self.hooks.on_idle_replay(len(batch))
 
     def _observe_teachers(self, new: list[Example]) -> None:
         """Score each teacher on the fresh hard labels (once per example: a hard label
@@ -276,7 +304,7 @@ class Trainer:
         before = self.offline.count
         if self.offline.append(self.join.take_ready(self.join.ready_count)):
             self.hooks.on_offline_record(self.offline.count)
-        every = CHECKPOINT_EVERY_STEPS * self.settings.batch_size
+        every = self.settings.checkpoint_every_steps * self.settings.batch_size
         if self._round_due():
             await self._offline_round(producer, stop)
         elif self.offline.count // every > before // every:
@@ -340,7 +368,8 @@ class Trainer:
                 # With a backlog to learn, only glance at the log: a 200 ms wait per step
                 # would cap a quiet stream's training at five steps a second.
                 backlog = self.join.ready_count >= self._new_per_batch()
-                records = await consumer.getmany(timeout_ms=0 if backlog else 200, max_records=2000)
+                busy = backlog or self._idle_replay_allowed()
+                records = await consumer.getmany(timeout_ms=0 if busy else 200, max_records=2000)
                 await self._ingest(producer, records)
                 if self.settings.strategy == "offline":
                     await self._record(producer, stop)
@@ -350,8 +379,10 @@ class Trainer:
                     ready >= self.settings.min_examples_to_train and not records
                 ):
                     await self._step()
-                    if self.learner.steps % CHECKPOINT_EVERY_STEPS == 0:
-                        await self.checkpoint()
+                elif self._idle_replay_allowed():
+                    await self._idle_step()
+                if self._checkpoint_due():
+                    await self.checkpoint()
                 due_steps = (
                     self.learner.steps - steps_at_publish >= self.settings.publish_every_steps
                 )

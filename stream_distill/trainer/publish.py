@@ -129,10 +129,11 @@ class Publisher:
 
     def evaluate(self, learner: Learner, join: JoinState) -> Candidate:
         """Runs in a worker thread: export, check export (and int8), score, compare."""
-        fp32 = export_onnx(learner.model, learner.encoder.max_length)
+        model = learner.candidate_model()
+        fp32 = export_onnx(model, learner.encoder.max_length)
         ev = eval_set(learner, join)
         sample = ev.dialogues[:16] + ev.agree_dialogues[:16] + list(CANNED)
-        diff = onnx_max_abs_diff(learner.model, fp32, learner.encoder.encode(sample))
+        diff = onnx_max_abs_diff(model, fp32, learner.encoder.encode(sample))
         extra: dict[str, Any] = {
             "quantize": self.settings.quantize,
             "temperature": learner.temperature,

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from stream_distill.events import SoftLabel, Turn
 from stream_distill.trainer.join import Example
+from stream_distill.trainer.state_codec import SoftCodec
 from stream_distill.trainer.teachers import argmax_label
 
 
@@ -66,17 +67,21 @@ class ReplayBuffer:
         return self._rng.sample(pool, min(n, len(pool)))
 
     def to_json(self) -> dict[str, Any]:
+        codec = SoftCodec()
+        items = [example_to_json(ex, codec) for ex in self._items]
         return {
             "seen": self.seen,
             "rng": _rng_state(self._rng),
-            "items": [example_to_json(ex) for ex in self._items],
+            "label_lists": codec.table(),
+            "items": items,
         }
 
     def load_json(self, data: dict[str, Any]) -> None:
         self.seen = int(data["seen"])
         version, state, gauss = data["rng"]
         self._rng.setstate((version, tuple(state), gauss))
-        self._items = [example_from_json(item) for item in data["items"]]
+        codec = SoftCodec(data.get("label_lists", ()))
+        self._items = [example_from_json(item, codec) for item in data["items"]]
         self._index = {ex.request_id: i for i, ex in enumerate(self._items)}
 
 
@@ -152,19 +157,23 @@ class ClassBalancedReplay:
         return self._rng.sample(pool, min(n, len(pool)))
 
     def to_json(self) -> dict[str, Any]:
+        codec = SoftCodec()
+        classes = {c: [example_to_json(ex, codec) for ex in m] for c, m in self._classes.items()}
         return {
             "balance": "class_balanced",
             "rng": _rng_state(self._rng),
             "seen": dict(self._seen),
-            "classes": {c: [example_to_json(ex) for ex in m] for c, m in self._classes.items()},
+            "label_lists": codec.table(),
+            "classes": classes,
         }
 
     def load_json(self, data: dict[str, Any]) -> None:
         version, state, gauss = data["rng"]
         self._rng.setstate((version, tuple(state), gauss))
+        codec = SoftCodec(data.get("label_lists", ()))
         self._seen = {c: int(n) for c, n in data["seen"].items()}
         self._classes = {
-            c: [example_from_json(item) for item in m] for c, m in data["classes"].items()
+            c: [example_from_json(item, codec) for item in m] for c, m in data["classes"].items()
         }
         self._class_of = {ex.request_id: c for c, m in self._classes.items() for ex in m}
 
@@ -175,20 +184,28 @@ def make_replay(balance: str, capacity: int, seed: int = 0) -> Replay:
     return ReplayBuffer(capacity, seed)
 
 
-def example_to_json(ex: Example) -> list[Any]:
+def example_to_json(ex: Example, codec: SoftCodec | None = None) -> list[Any]:
+    """One example as JSON; with ``codec`` its soft labels are packed against its table."""
+
+    def dump(soft: SoftLabel | None) -> Any:
+        if codec is not None:
+            return codec.dump(soft)
+        return soft.model_dump(mode="json") if soft is not None else None
+
     return [
         ex.request_id,
         [t.model_dump() for t in ex.turns],
-        ex.soft.model_dump(mode="json") if ex.soft else None,
+        dump(ex.soft),
         ex.hard,
-        [s.model_dump(mode="json") for s in ex.softs if s is not ex.soft],
+        [dump(s) for s in ex.softs if s is not ex.soft],
     ]
 
 
-def example_from_json(item: list[Any]) -> Example:
+def example_from_json(item: list[Any], codec: SoftCodec | None = None) -> Example:
+    codec = codec or SoftCodec()  # without a table only whole soft labels can be read
     rid, turns, soft, hard, *rest = item
-    latest = SoftLabel.model_validate(soft) if soft else None
-    others = tuple(SoftLabel.model_validate(s) for s in (rest[0] if rest else []))
+    latest = codec.load(soft)
+    others = tuple(s for s in map(codec.load, rest[0] if rest else []) if s is not None)
     return Example(
         rid,
         tuple(Turn.model_validate(t) for t in turns),

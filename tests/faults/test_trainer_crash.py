@@ -158,6 +158,8 @@ async def test_trainer_survives_sigkill(
         "SD_TRAINER__PUBLISH_EVERY_STEPS": "1000000",
         "SD_TRAINER__PUBLISH_EVERY_S": "1000000",
         "SD_TRAINER__THREADS": "1",
+        "SD_TRAINER__CHECKPOINT_EVERY_STEPS": "10",
+        "SD_TRAINER__CHECKPOINT_EVERY_S": "2",
     }
     args = ["--bootstrap-servers", kbus.bootstrap, "--registry", str(registry.root),
             "--data-dir", str(data_dir), "--teacher-dir", str(tiny_teacher_dir)]  # fmt: skip
