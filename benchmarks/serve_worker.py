@@ -10,18 +10,22 @@ answers one JSON command per stdin line with one JSON line on stdout:
   registry versions (each a full load: read, sha256, session, verify, swap);
 - ``{"cmd": "rss"}``: resident set size in MB;
 - ``{"cmd": "cpu"}``: CPU seconds so far by thread name (``MainThread``: the event loop);
+- ``{"cmd": "profile"}``: cProfile the event loop's thread from now on;
+  ``{"cmd": "profile", "path": "loop.prof"}``: stop and write the stats there;
 - ``{"cmd": "quit"}``.
 
 ``--teacher`` serves the torch teacher instead, as ``stream-distill teacher-serve`` does
 (:func:`stream_distill.teacher.serve.run_teacher_serve`: the same app and batcher, the
 teacher in the student's place, batches of ``teacher.batch_size``, ``teacher.threads``
-torch threads); only ``rss`` and ``quit`` apply then.
+torch threads, ``--teacher-precision``: ``teacher.precision``); only ``rss`` and ``quit``
+apply then.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import gc
 import json
 import os
@@ -130,14 +134,33 @@ async def swaps(core: Any, versions: list[str], n: int) -> dict[str, Any]:
         else:
             failed += 1
         took.append((time.perf_counter() - t0) * 1e3)
-    gc.collect()
+    t_end = time.monotonic()
+    gc.collect()  # after t_end: a stall of the benchmark's own, not of the swaps
     return {
         "swaps": ok,
         "failed": failed,
         "t_start": t_start,
-        "t_end": time.monotonic(),
+        "t_end": t_end,
         "swap_ms": _pcts(took),
     }
+
+
+_profiler: cProfile.Profile | None = None
+
+
+def profile(path: str | None) -> dict[str, Any]:
+    """Profile the event loop's thread from now on, or (``path`` given) stop and write stats."""
+    global _profiler
+    if path is None:
+        _profiler = cProfile.Profile()
+        _profiler.enable()
+        return {"profiling": True}
+    if _profiler is None:
+        return {"error": "not profiling"}
+    _profiler.disable()
+    _profiler.dump_stats(path)
+    _profiler = None
+    return {"profiling": False, "path": path}
 
 
 async def commands(core: Any, versions: list[str]) -> None:
@@ -153,6 +176,8 @@ async def commands(core: Any, versions: list[str]) -> None:
             reply = await swaps(core, versions[-2:], cmd["n"])
         elif cmd["cmd"] == "cpu":
             reply = _thread_cpu_s()
+        elif cmd["cmd"] == "profile":
+            reply = profile(cmd.get("path"))
         elif cmd["cmd"] == "rss":
             gc.collect()
             reply = {"rss_mb": round(_rss_mb(), 1)}
@@ -173,8 +198,19 @@ async def main_async(args: argparse.Namespace) -> None:
         serve_settings = serve_settings.model_copy(
             update={"batch_max_size": settings.teacher.batch_size}
         )
-        async with run_teacher_serve(model, serve_settings, host="127.0.0.1", port=0) as t:
-            print(json.dumps({"url": t.url, "version": t.core.version}), flush=True)
+        precision = args.teacher_precision
+        async with run_teacher_serve(
+            model, serve_settings, host="127.0.0.1", port=0, precision=precision
+        ) as t:
+            from stream_distill.models.precision import use_bfloat16
+
+            hello = {
+                "url": t.url,
+                "version": t.core.version,
+                "precision": precision,
+                "bfloat16": use_bfloat16(precision),  # what "auto" came to
+            }
+            print(json.dumps(hello), flush=True)
             await commands(t.core, [])
         return
     registry = Registry(args.registry)
@@ -192,6 +228,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--registry", type=Path, required=True)
     ap.add_argument("--teacher", action="store_true", help="serve the torch teacher")
+    ap.add_argument(
+        "--teacher-precision",
+        choices=("auto", "float32", "bfloat16"),
+        default=Settings().teacher.precision,
+        help="teacher.precision with --teacher (default: the setting's)",
+    )
     ap.add_argument("--settings", default="{}", help="ServeSettings fields, JSON")
     args = ap.parse_args()
     run(main_async(args))  # the event loop `stream-distill serve` runs on (uvloop)

@@ -12,7 +12,9 @@ Writes JSON with:
 - ``max_rps_p99_20ms``: the highest step rate held with p99 <= 20 ms and no failed
   request; ``teacher_max_rps_p99_20ms``: the same for the torch teacher (MiniLM-L6)
   served through the same app as ``stream-distill teacher-serve`` serves it
-  (``serve_worker.py --teacher``), and ``student_teacher_ratio``;
+  (``serve_worker.py --teacher``) in ``teacher_precision`` (``--teacher-precision``,
+  default bfloat16: how the scorer runs fastest on CPUs with AMX or AVX512-BF16), and
+  ``student_teacher_ratio``;
 - ``swap_count``, ``swap_failed_requests``, ``p99_steady_ms``, ``p99_during_swaps_ms``:
   50 hot swaps back to back under 200 req/s;
 - ``rss_growth_mb_200_swaps``: serve's RSS after 200 more swaps minus before them.
@@ -90,12 +92,20 @@ def write_bodies(path: Path) -> None:
 class Serve:
     """The serve process: one JSON command per line in, one JSON line out."""
 
-    def __init__(self, registry: Path, *, teacher: bool, settings: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        registry: Path,
+        *,
+        teacher: bool,
+        settings: dict[str, Any],
+        teacher_precision: str = "float32",
+    ) -> None:
         cmd = [sys.executable, str(HERE / "serve_worker.py"), "--registry", str(registry)]
-        cmd += ["--settings", json.dumps(settings)] + (["--teacher"] if teacher else [])
+        cmd += ["--settings", json.dumps(settings)]
+        cmd += ["--teacher", "--teacher-precision", teacher_precision] if teacher else []
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        hello = self._read()
-        self.url: str = hello["url"]
+        self.hello = self._read()
+        self.url: str = self.hello["url"]
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -241,7 +251,10 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         serve.close()
 
     log("the teacher through the same app ...")
-    teacher = Serve(registry, teacher=True, settings=settings)
+    precision = args.teacher_precision
+    result["teacher_precision"] = precision
+    teacher = Serve(registry, teacher=True, settings=settings, teacher_precision=precision)
+    result["teacher_bfloat16"] = teacher.hello.get("bfloat16")
     try:
         load(teacher.url, bodies, 20, 2.0, tmp)  # warm-up
         result["teacher_max_rps_p99_20ms"], result["teacher_steps"] = max_rate(
@@ -275,6 +288,13 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=48, help="student token budget")
     ap.add_argument("--int8", action="store_true", help="dynamically quantized students")
     ap.add_argument("--serve-settings", default="{}", help="ServeSettings fields, JSON")
+    ap.add_argument(
+        "--teacher-precision",
+        choices=("auto", "float32", "bfloat16"),
+        default="bfloat16",
+        help="teacher.precision of the measured teacher (bfloat16: as the scorer runs best"
+        " on CPUs with AMX or AVX512-BF16)",
+    )
     args = ap.parse_args()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="sd-bench-") as tmp:

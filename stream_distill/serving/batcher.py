@@ -31,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import queue
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from stream_distill.config import ServeSettings
 from stream_distill.errors import DeadlineExceeded, NotReady, Overloaded
@@ -89,7 +91,7 @@ class Batcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(settings.queue_max)
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._worker: _Worker | None = None
         self._running_since: float | None = None
         self._inflight: list[_Pending] = []
         self.service_s = 0.0
@@ -104,8 +106,8 @@ class Batcher:
         if self._task is not None and not self._task.done():
             return
         # A thread of its own: model loads and other to_thread work never delay a batch.
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="sd-batch")
+        if self._worker is None:
+            self._worker = _Worker("sd-batch_0")
         self._task = asyncio.create_task(self._loop(), name="sd-batcher")
 
     async def aclose(self) -> None:
@@ -119,9 +121,9 @@ class Batcher:
         for p in waiting:
             _fail(p, NotReady("serve is shutting down"))
         self._inflight = []
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -223,7 +225,8 @@ class Batcher:
                 if self._inline(batch):
                     rows = _predict(session, dialogues)  # nobody waits: skip the thread hops
                 else:
-                    rows = await loop.run_in_executor(self._executor, _predict, session, dialogues)
+                    assert self._worker is not None  # started with the task
+                    rows = await self._worker.run(loop, session, dialogues)
             except Exception as exc:  # the worker itself is gone; the task must live on
                 rows = [exc] * len(batch)
             finally:
@@ -268,6 +271,66 @@ class Batcher:
                 continue
             admitted.append(p)
         return admitted
+
+
+Rows = list[FloatArray | Exception]
+
+
+class _Worker:
+    """The thread that runs batches: one queue in, one loop callback out per batch.
+
+    Lighter than ``run_in_executor`` (no executor future chained to the loop's), which
+    the event loop pays once per batch, so at light load once per request.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def run(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        session: Predictor,
+        dialogues: Sequence[Sequence[Turn]],
+    ) -> asyncio.Future[Rows]:
+        future: asyncio.Future[Rows] = loop.create_future()
+        self._jobs.put((loop, future, session, dialogues))
+        return future
+
+    def close(self) -> None:
+        """Stop once the batch in hand (if any) is done; batches not started never run."""
+        while True:
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                break
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, session, dialogues = job
+            del job
+            try:
+                rows: Rows | None = _predict(session, dialogues)
+                error: BaseException | None = None
+            except BaseException as exc:  # _predict catches Exception; this is worse
+                rows, error = None, exc
+            # Nothing of the batch stays here: a swapped-out model must be freed at once.
+            del session, dialogues
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_resolve, future, rows, error)
+            del loop, future, rows, error
+
+
+def _resolve(future: asyncio.Future[Rows], rows: Rows | None, error: BaseException | None) -> None:
+    if future.done():  # cancelled: the batch task went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        assert rows is not None
+        future.set_result(rows)
 
 
 def _predict(

@@ -38,9 +38,9 @@ from stream_distill.metrics.prometheus import PrometheusHooks
 from stream_distill.serving.admin import admin_router
 from stream_distill.serving.canary_api import canary_router
 from stream_distill.serving.dashboard import dashboard_router
-from stream_distill.serving.middleware import BodyLimit, DirectRoutes
+from stream_distill.serving.middleware import BodyLimit, DirectApp, Raw, as_response
 from stream_distill.serving.oip import oip_router
-from stream_distill.serving.schemas import ClassifyIn, Limits
+from stream_distill.serving.schemas import ClassifyIn, Limits, fast_classify_in
 from stream_distill.serving.service import ClassifyResult, LoadedVersion, ServingCore
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,14 @@ def _answer(r: ClassifyResult) -> dict[str, Any]:
 def _refusal(status: int, detail: str, retry_after_s: float) -> Response:
     retry = str(max(1, math.ceil(retry_after_s)))  # Retry-After carries whole seconds
     return JSONResponse({"detail": detail}, status_code=status, headers={"Retry-After": retry})
+
+
+_RETRY_NOW = ((b"retry-after", RETRY_AFTER_S.encode()),)
+
+
+def _raw_refusal(status: int, detail: str, retry_after_s: float) -> Raw:
+    retry = b"%d" % max(1, math.ceil(retry_after_s))  # Retry-After carries whole seconds
+    return status, orjson.dumps({"detail": detail}), ((b"retry-after", retry),)
 
 
 def _kept(core: ServingCore) -> list[dict[str, Any]]:
@@ -117,37 +125,36 @@ def create_app(
         metrics = hooks.registry if isinstance(hooks, PrometheusHooks) else CollectorRegistry()
     limits = Limits(max_text_chars=settings.max_text_chars, max_turns=settings.max_turns)
     context = {"limits": limits}
-    app = FastAPI(title="stream_distill serve", version="1", docs_url="/docs", redoc_url=None)
+    app = DirectApp(title="stream_distill serve", version="1", docs_url="/docs", redoc_url=None)
     app.state.core = core
     app.state.feedback = feedback
 
-    async def classify_body(body: bytes) -> Response:
+    async def classify_raw(body: bytes) -> Raw:
         t0 = time.perf_counter()
-        try:
-            req = ClassifyIn.model_validate_json(body, context=context)
-        except ValidationError as exc:
-            hooks.on_request("invalid", (time.perf_counter() - t0) * 1e3, core.version)
-            return JSONResponse({"detail": _errors(exc)}, status_code=422)
+        parsed = fast_classify_in(body, limits)
+        if parsed is None:  # not the common shape: pydantic decides, and words the errors
+            try:
+                req = ClassifyIn.model_validate_json(body, context=context)
+            except ValidationError as exc:
+                hooks.on_request("invalid", (time.perf_counter() - t0) * 1e3, core.version)
+                return 422, orjson.dumps({"detail": _errors(exc)}), ()
+            parsed = (req.dialogue(), req.conversation_id, req.deadline_ms, req.cascade)
+        dialogue, conversation_id, deadline_ms, cascade = parsed
         try:
             result = await core.classify(
-                req.dialogue(),
-                req.conversation_id,
-                deadline_ms=req.deadline_ms,
-                cascade=req.cascade,
+                dialogue, conversation_id, deadline_ms=deadline_ms, cascade=cascade
             )
         except NotReady as exc:
-            return JSONResponse(
-                {"detail": str(exc)}, status_code=503, headers={"Retry-After": RETRY_AFTER_S}
-            )
+            return 503, orjson.dumps({"detail": str(exc)}), _RETRY_NOW
         except DeadlineExceeded as exc:
-            return _refusal(503, f"deadline: {exc}", exc.retry_after_s)
+            return _raw_refusal(503, f"deadline: {exc}", exc.retry_after_s)
         except Overloaded as exc:
-            return _refusal(429, f"overloaded: {exc}", exc.retry_after_s)
-        return Response(orjson.dumps(_answer(result)), media_type="application/json")
+            return _raw_refusal(429, f"overloaded: {exc}", exc.retry_after_s)
+        return 200, orjson.dumps(_answer(result)), ()
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> Response:
-        return await classify_body(await request.body())
+        return as_response(await classify_raw(await request.body()))
 
     if feedback is not None:
 
@@ -232,8 +239,9 @@ def create_app(
     app.include_router(canary_router(core))
     app.include_router(oip_router(core))
     app.include_router(dashboard_router(core, metrics))
-    app.add_middleware(DirectRoutes, routes={"/v1/classify": classify_body})
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # outside DirectRoutes
+    # POST /v1/classify skips the ASGI stack (under the same body limit); the rest does not
+    app.set_direct({"/v1/classify": classify_raw}, settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
 
 
@@ -293,6 +301,7 @@ class HttpServer:
             log_config=None,  # leave the process's logging alone
             log_level=self.log_level,
             access_log=False,
+            proxy_headers=False,  # nothing reads the client address; the wrapper costs
             http="auto",  # httptools (a dependency) parses in C; h11 where it is missing
             timeout_graceful_shutdown=5,
         )

@@ -15,6 +15,7 @@ import ctypes
 import functools
 import math
 import os
+import queue
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -132,6 +133,23 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+_DROPS: queue.SimpleQueue[object] = queue.SimpleQueue()
+"""onnxruntime sessions of dropped :class:`StudentSession` objects, to be freed."""
+
+
+@functools.cache
+def _dropper() -> threading.Thread:
+    def drop() -> None:
+        _lower_priority()
+        while True:
+            session = _DROPS.get()
+            del session  # the last reference: onnxruntime frees it here
+
+    thread = threading.Thread(target=drop, name="sd-drop", daemon=True)
+    thread.start()
+    return thread
+
+
 def _load_session(model: bytes, options: ort.SessionOptions) -> ort.InferenceSession:
     """A session from verified bytes, loaded through a private file.
 
@@ -209,9 +227,20 @@ class StudentSession:
         self.sha256 = sha256
         self.encoder = encoder
         self._session = session
+        _dropper()  # started here, where starting a thread is safe, not in __del__
         self._inputs = tuple(i.name for i in session.get_inputs())
         outputs = [o.name for o in session.get_outputs()]
         self._output = OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
+
+    def __del__(self) -> None:
+        # Freeing an onnxruntime session (weights, kernels, buffers) takes milliseconds
+        # of CPU wherever its last reference drops, mostly on the event loop, after a
+        # swap: a stall for every request. The dropping thread frees it instead, at a
+        # lower priority. Only a SimpleQueue put here: __del__ may run inside any code
+        # (a garbage collection in the middle of a lock held), and that put takes none.
+        session = self.__dict__.get("_session")
+        if session is not None:
+            _DROPS.put(session)
 
     @classmethod
     def from_version(cls, mv: ModelVersion, settings: ServeSettings) -> StudentSession:

@@ -7,10 +7,11 @@ The teacher stands where the ONNX student stands (a
 asks when its student is unsure, and what a benchmark measures the teacher's rate on.
 
 Settings are serve's (``--host``/``--port``, ``SD_SERVE__*``), except that batches hold
-up to ``teacher.batch_size`` requests, as the scorer's do, and torch runs
-``teacher.threads`` threads. Every answer lists every label in ``top`` (``top_k`` is the
-label count), so a caller gets the teacher's whole distribution; no attention is
-computed. No request events are written: the teacher's answers are not student traffic.
+up to ``teacher.batch_size`` requests and torch runs ``teacher.threads`` threads in
+``teacher.precision``, as the scorer does. Every answer lists every label in ``top``
+(``top_k`` is the label count), so a caller gets the teacher's whole distribution; no
+attention is computed. No request events are written: the teacher's answers are not
+student traffic.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +36,7 @@ from stream_distill.errors import RegistryError
 from stream_distill.events import Turn
 from stream_distill.metrics.hooks import Hooks
 from stream_distill.metrics.prometheus import PrometheusHooks
+from stream_distill.models.precision import use_bfloat16
 from stream_distill.registry.base import ModelVersion
 from stream_distill.serving.http import HttpServer, create_app
 from stream_distill.serving.service import ServingCore
@@ -48,17 +50,28 @@ WARM_UP: tuple[tuple[Turn, ...], ...] = (
 )
 
 
-class TeacherPredictor:
-    """A :class:`TeacherModel` as serve's predictor: probabilities, no attention."""
+Precision = Literal["auto", "float32", "bfloat16"]
 
-    def __init__(self, model: TeacherModel) -> None:
+
+class TeacherPredictor:
+    """A :class:`TeacherModel` as serve's predictor: probabilities, no attention.
+
+    ``precision`` is ``teacher.precision``: ``bfloat16`` runs the model under CPU
+    autocast, as the scorer does. autocast is per thread, so :meth:`predict` enters it
+    itself, in whichever thread the batcher runs it.
+    """
+
+    def __init__(self, model: TeacherModel, precision: Precision = "float32") -> None:
         self.model = model
         self.version = model.version
         self.labels = model.labels
+        self.precision = precision
         self.sha256 = _weights_sha256(model)
 
     def predict(self, dialogues: Sequence[Sequence[Turn]]) -> npt.NDArray[np.float32]:
-        logits = self.model.predict(dialogues, attention=False).logits
+        bf16 = use_bfloat16(self.precision)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = self.model.predict(dialogues, attention=False).logits
         probs: npt.NDArray[np.float32] = torch.from_numpy(logits).softmax(dim=-1).numpy()
         return probs
 
@@ -139,13 +152,14 @@ async def run_teacher_serve(
     metrics: CollectorRegistry | None = None,
     host: str | None = None,
     port: int | None = None,
+    precision: Precision = "float32",
 ) -> AsyncIterator[RunningTeacherServe]:
     """Serve ``model`` over HTTP until the block exits; ready as soon as it is entered.
 
-    ``host``/``port`` override ``settings`` (0: any port). Call with torch's threads
-    already set (one per role).
+    ``host``/``port`` override ``settings`` (0: any port); ``precision`` is
+    ``teacher.precision``. Call with torch's threads already set (one per role).
     """
-    predictor = TeacherPredictor(model)
+    predictor = TeacherPredictor(model, precision)
     await asyncio.to_thread(predictor.predict, WARM_UP)  # the first request pays no warm-up
     # Every label in every answer (a cascade publishes the whole distribution); a
     # teacher never cascades to itself.
@@ -180,12 +194,14 @@ async def teacher_serve(
     model = await asyncio.to_thread(load_teacher, teacher, settings)
     # Batches as large as the scorer's: the teacher's throughput knob is teacher.batch_size.
     serve = settings.serve.model_copy(update={"batch_max_size": settings.teacher.batch_size})
-    async with run_teacher_serve(model, serve) as running:
+    precision = settings.teacher.precision
+    async with run_teacher_serve(model, serve, precision=precision) as running:
         log.info(
-            "teacher-serve listening on %s (teacher %s, %d labels)",
+            "teacher-serve listening on %s (teacher %s, %d labels, %s)",
             running.url,
             model.version,
             len(model.labels),
+            precision,
         )
         await stop.wait()
         # As serve drains: "not ready" at once, answering on for the grace period.
