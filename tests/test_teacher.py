@@ -195,7 +195,8 @@ async def _run_until(
 
 def _settings(**kw: object) -> TeacherSettings:
     return TeacherSettings.model_validate(
-        {"batch_size": 4, "batch_wait_ms": 5, "group_id": "g", **kw}
+        # float32: labels are compared with the teacher's own predictions to 1e-5
+        {"batch_size": 4, "batch_wait_ms": 5, "group_id": "g", "precision": "float32", **kw}
     )
 
 

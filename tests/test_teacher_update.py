@@ -350,6 +350,7 @@ async def test_new_intent_update_reaches_scorer_and_soft_labels(
         new_intent_min_examples=8,
         update_every_labels=100_000,  # only the new intent may trigger
         update_lr=1e-3,
+        precision="float32",  # soft labels are compared with the new teacher's to 1e-4
         update_holdout_fraction=0.2,
         update_min_holdout=10,
         update_margin=0.25,  # quality is the unit test's business; here: the path
