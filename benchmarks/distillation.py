@@ -106,37 +106,67 @@ def _teacher(train: Sequence[LabeledTurn], args: argparse.Namespace) -> Path:
 
 
 # -- one strategy ---------------------------------------------------------------------------
-async def _trainer_examples_per_s(port: int) -> float | None:
-    """Examples per second of optimizer-step time, from the trainer's own metrics."""
+async def _trainer_metrics(port: int) -> dict[str, float] | None:
+    """The trainer's own counters (its /metrics), or None while it does not answer."""
     try:
         async with httpx.AsyncClient(timeout=3.0) as c:
             text = (await c.get(f"http://127.0.0.1:{port}/metrics")).text
     except httpx.HTTPError:
         return None
+    names = ("sd_trainer_step_seconds_sum", "sd_trainer_examples_total", "sd_trainer_steps_total")
+    found = {n: re.search(rf"^{n} ([0-9.e+-]+)$", text, re.M) for n in names}
+    return {n: float(m.group(1)) if m else 0.0 for n, m in found.items()}
 
-    def value(name: str) -> float:
-        m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
-        return float(m.group(1)) if m else 0.0
 
-    seconds = value("sd_trainer_step_seconds_sum")
-    return value("sd_trainer_examples_total") / seconds if seconds > 0 else None
+async def _trainer_examples_per_s(port: int) -> float | None:
+    """Examples per second of optimizer-step time, from the trainer's own metrics."""
+    got = await _trainer_metrics(port)
+    if not got or got["sd_trainer_step_seconds_sum"] <= 0:
+        return None
+    return got["sd_trainer_examples_total"] / got["sd_trainer_step_seconds_sum"]
+
+
+async def _settle(port: int, args: argparse.Namespace) -> float:
+    """After the stream: at least ``--settle-s``, then until the trainer has taken no step
+    for ``--publish-every-s`` + 10 s (its last publish is out), at most ``--settle-max-s``."""
+    started = time.monotonic()
+    await asyncio.sleep(args.settle_s)
+    quiet_for = args.publish_every_s + 10.0
+    last, since = -1.0, time.monotonic()
+    while time.monotonic() - started < args.settle_max_s:
+        got = await _trainer_metrics(port)
+        steps = got["sd_trainer_steps_total"] if got else -1.0
+        if steps != last:
+            last, since = steps, time.monotonic()
+        elif time.monotonic() - since >= quiet_for:
+            break
+        await asyncio.sleep(2.0)
+    return time.monotonic() - started
 
 
 class _Curve:
-    """Evaluates every newly published version while traffic flows."""
+    """Evaluates every newly published version while traffic flows (on the first
+    ``limit`` test turns, so evaluating steals little CPU from the service); the final
+    version is evaluated on the whole test split."""
 
-    def __init__(self, registry: Registry, test: Sequence[LabeledTurn], bot: Chatbot) -> None:
+    def __init__(
+        self, registry: Registry, test: Sequence[LabeledTurn], bot: Chatbot, limit: int
+    ) -> None:
         self.registry, self.test, self.bot = registry, test, bot
+        self.sample = test[:limit] if limit else test
         self.points: list[tuple[int, float]] = []
         self.seen: dict[str, float] = {}
 
-    async def latest(self) -> tuple[str, float] | None:
+    async def latest(self, *, full: bool = False) -> tuple[str, float] | None:
         versions = self.registry.list_versions()
         if not versions:
             return None
         v = versions[-1]
+        if full:
+            return v, await asyncio.to_thread(student_accuracy, self.registry, v, self.test)
         if v not in self.seen:
-            self.seen[v] = await asyncio.to_thread(student_accuracy, self.registry, v, self.test)
+            got = await asyncio.to_thread(student_accuracy, self.registry, v, self.sample)
+            self.seen[v] = got
         return v, self.seen[v]
 
     async def watch(self, stop: asyncio.Event, every_s: float) -> None:
@@ -186,6 +216,12 @@ async def run_strategy(
         "SD_TRAINER__PUBLISH_EVERY_S": str(args.publish_every_s),
         "SD_TRAINER__PUBLISH_EVERY_STEPS": "100000",
         "SD_TRAINER__METRICS_PORT": str(metrics_port),
+        "SD_TRAINER__REPLAY_SIZE": str(args.replay_size),
+        **(
+            {"SD_TRAINER__IDLE_REPLAY_FACTOR": str(args.idle_replay_factor)}
+            if args.idle_replay_factor is not None
+            else {}
+        ),
         "SD_MODEL__MAX_LENGTH": str(args.max_length),
         **(env or {}),
     }
@@ -212,15 +248,15 @@ async def run_strategy(
                     feedback_token=token,
                     turns=iter(train),
                 )
-            curve = _Curve(registry, test, bot)
+            curve = _Curve(registry, test, bot, args.curve_limit)
             done = asyncio.Event()
             watcher = asyncio.create_task(curve.watch(done, args.eval_every_s))
             stats = await bot.run(seconds=10**9)
-            await asyncio.sleep(args.settle_s)  # the trainer catches up and publishes
+            settled = await _settle(metrics_port, args)  # the trainer catches up, publishes
             done.set()
             await watcher
             procs.check_alive()
-            final = await curve.latest()
+            final = await curve.latest(full=True)
             eps = await _trainer_examples_per_s(metrics_port)
             bus = KafkaBus(KafkaSettings(), broker.bootstrap)
             queries = await count_records(bus, bus.topics.soft_labels)
@@ -237,6 +273,7 @@ async def run_strategy(
         "teacher_queries": queries,
         "hard_labels": hard,
         "examples_per_s": round(eps, 1) if eps else None,
+        "settle_s": round(settled, 1),
         "wall_s": round(time.monotonic() - started, 1),
         **extra,
     }
@@ -295,7 +332,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--publish-every-s", type=float, default=20.0)
     p.add_argument("--eval-every-s", type=float, default=15.0)
-    p.add_argument("--settle-s", type=float, default=45.0)
+    p.add_argument("--curve-limit", type=int, default=1000, help="test turns per curve point")
+    p.add_argument("--replay-size", type=int, default=20000, help="trainer.replay_size")
+    p.add_argument(
+        "--idle-replay-factor", type=float, help="trainer.idle_replay_factor (default: its own)"
+    )
+    p.add_argument("--settle-s", type=float, default=45.0, help="at least this after the stream")
+    p.add_argument(
+        "--settle-max-s", type=float, default=240.0, help="at most this for the trainer to finish"
+    )
     p.add_argument("--teacher-epochs", type=int, default=4)
     p.add_argument("--teacher-lr", type=float, help="default 1e-4 (3e-4 on synthetic data)")
     p.add_argument("--teacher-only", action="store_true", help="fine-tune the teacher only")
@@ -344,6 +389,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "max_length",
                 "publish_every_s",
                 "settle_s",
+                "settle_max_s",
+                "replay_size",
+                "idle_replay_factor",
+                "curve_limit",
                 "teacher_epochs",
                 "teacher_lr",
             )

@@ -388,9 +388,11 @@ def _parser() -> argparse.ArgumentParser:
     for flag, default in (  # as in distillation.py (same defaults: the same cached teacher)
         ("--rate", 60.0), ("--lr", 1e-3), ("--alpha", 0.9), ("--temperature", 4.0),
         ("--publish-every-s", 20.0), ("--eval-every-s", 15.0), ("--settle-s", 45.0),
-        ("--max-length", 32), ("--teacher-epochs", 4),
+        ("--max-length", 32), ("--teacher-epochs", 4), ("--settle-max-s", 240.0),
+        ("--replay-size", 20000), ("--curve-limit", 1000),
     ):  # fmt: skip
         p.add_argument(flag, type=type(default), default=default)
+    p.add_argument("--idle-replay-factor", type=float, help="trainer.idle_replay_factor")
     p.add_argument("--teacher-lr", type=float, help="default 1e-4 (3e-4 on synthetic data)")
     p.add_argument("--data-dir", type=Path, default=Path(".sd"))
     p.add_argument("--seed", type=int, default=0)

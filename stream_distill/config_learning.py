@@ -18,7 +18,14 @@ class TeacherSettings(Section):
     """The teacher scorer role."""
 
     teacher_id: str = Field(default="teacher", description="Names this teacher in its soft labels.")
-    batch_size: int = Field(default=16, ge=1, description="Requests scored per model call at most.")
+    batch_size: int = Field(
+        default=64,
+        ge=1,
+        description=(
+            "Requests scored per model call at most (bfloat16 MiniLM-L6 on one core: ~290"
+            " requests/s at 16, ~420 at 64)."
+        ),
+    )
     batch_wait_ms: float = Field(default=50.0, ge=0, description="How long a batch waits to fill.")
     threads: int = Field(
         default=1, ge=1, description="torch threads (1 per role: more stall on small hosts)."
