@@ -96,6 +96,15 @@ class TeacherSettings(Section):
         le=1,
         description="Held-out accuracy on old intents an update may lose against the current.",
     )
+    update_significance_z: float = Field(
+        default=1.645,
+        ge=0,
+        description=(
+            "An update is worse only when its loss on old intents exceeds update_margin by this"
+            " many standard errors of the paired difference (1.645: one-sided 95 %; 0: the"
+            " plain margin rule)."
+        ),
+    )
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="Serve /metrics on this port (None: off)."
     )
@@ -267,6 +276,14 @@ class TrainerSettings(Section):
         gt=0,
         description="online: use the EMA teacher after this long without soft labels.",
     )
+    novel_label_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description=(
+            "A hard label that no teacher's label list holds (a new intent the teachers do not"
+            " know yet) adds alpha × this × its CE: it is learnt at full weight, not (1-alpha)."
+        ),
+    )
     attention_weight: float = Field(
         default=0.1, ge=0, description="Weight of the [CLS] attention alignment term."
     )
@@ -324,6 +341,15 @@ class TrainerSettings(Section):
         description=(
             "While no fresh batch is ready, keep learning from the reservoir alone, up to this"
             " many replayed examples per fresh example taken so far (0: only learn on arrivals)."
+        ),
+    )
+    idle_replay_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description=(
+            "Niceness of the thread that runs replay-only steps, so they use only CPU the other"
+            " roles on the host leave over (0: same priority as fresh steps)."
         ),
     )
     checkpoint_every_steps: int = Field(

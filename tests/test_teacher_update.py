@@ -160,7 +160,7 @@ def test_tuning_learns_a_new_intent_and_validation_rejects_a_worse_teacher(base_
     # an untrained model over the same labels is much worse on the old intents: rejected
     encoder = TextEncoder(Tokenizer.from_str(default_tokenizer_json()), max_length=32)
     noise = TeacherModel(tiny_classifier((*LABELS, NEW), layers=2, seed=7), encoder)
-    bad = validate(current, noise, holdout, margin=0.05, min_holdout=20)
+    bad = validate(current, noise, holdout, margin=0.05, min_holdout=20, z=1.645)
     assert not bad.accepted and bad.reason.startswith("worse on old intents")
     assert bad.metrics["old_accuracy"] < bad.metrics["old_accuracy_current"] - 0.05
     # ...unless too few held-out labels exist to tell
@@ -463,3 +463,15 @@ async def _records(
             if len(found) >= n:
                 break
     return sorted(found, key=lambda e: e.version)
+
+
+def test_worse_means_significantly_worse_on_the_same_examples() -> None:
+    from stream_distill.teacher.finetune import significantly_worse
+
+    before = [True] * 60 + [False] * 2
+    three_lost = [False] * 3 + [True] * 57 + [False] * 2  # 0.968 -> 0.919 on 62 labels
+    assert significantly_worse(before, three_lost, 0.02, 0.0)  # the plain margin rule
+    assert not significantly_worse(before, three_lost, 0.02, 1.645)  # within the noise
+    many_lost = [False] * 20 + [True] * 40 + [True] * 2  # 20 lost, 2 gained
+    assert significantly_worse(before, many_lost, 0.02, 1.645)
+    assert not significantly_worse(before, before, 0.0, 0.0)

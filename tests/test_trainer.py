@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from stream_distill.registry.store import Registry
 from stream_distill.teacher.model import TeacherModel
 from stream_distill.testing import RecordingHooks
 from stream_distill.trainer.build import learner_from_teacher
+from stream_distill.trainer.join import Example
 from stream_distill.trainer.loop import Trainer
 from stream_distill.trainer.publish import eval_set
 
@@ -393,12 +396,28 @@ async def test_idle_replay_learns_from_the_reservoir_within_its_budget(
     )
     await _feed(bus, teacher, 40)
     budget = int(factor * 40) // settings.batch_size * settings.batch_size
+    ran_on: list[tuple[int, str, int]] = []  # (batch size, thread name, its niceness)
+    learn = learner.learn_many
+
+    def spy(batch: list[Example], **kw: bool) -> dict[str, float]:
+        me = threading.current_thread()
+        ran_on.append((len(batch), me.name, os.getpriority(os.PRIO_PROCESS, me.native_id or 0)))
+        return learn(batch, **kw)
+
+    learner.learn_many = spy  # type: ignore[method-assign]
     await _run_until(trainer, lambda: trainer.fresh_taken == 40 and trainer.idle_replayed >= budget)
     assert trainer.fresh_taken == 40
     replayed = [n for (n,) in hooks.named("on_idle_replay")]
     assert sum(replayed) == trainer.idle_replayed == budget
     if factor:
         assert replayed and all(n == settings.batch_size for n in replayed)
+        idle = [(name, nice) for _, name, nice in ran_on if name.startswith("sd-idle-replay")]
+        assert len(idle) == len(replayed)  # every replay-only step, and only those, ran there
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        if base <= settings.idle_replay_nice:  # raising niceness needs no privilege
+            assert {nice for _, nice in idle} == {settings.idle_replay_nice}
+    else:
+        assert not any(name.startswith("sd-idle-replay") for _, name, _ in ran_on)
     # the budget is spent: the trainer goes quiet until fresh examples arrive
     steps = trainer.learner.steps
     await _run_until(trainer, lambda: False, timeout_s=1.0)
@@ -463,3 +482,37 @@ def test_publish_ema_exports_the_average_of_the_weights(tmp_path: Path) -> None:
         raw = learner.model(**to_torch(batch)).logits.numpy()
     assert np.abs(got - ema).max() <= 1e-4
     assert np.abs(got - raw).max() > 1e-3  # the latest weights are not what was exported
+
+
+def test_a_hard_label_no_teacher_knows_is_learnt_at_full_weight(tmp_path: Path) -> None:
+    from stream_distill.trainer.join import Example
+
+    teacher = _teacher()
+    rows = [e for e in labelled_examples(80, seed=6) if e.intent in LABELS][:16]
+    logits = teacher.predict([e.turns for e in rows], attention=False).logits
+    new = "promo_signup"
+    batch = []
+    for i, (e, row) in enumerate(zip(rows, logits, strict=True)):
+        soft = SoftLabel(
+            request_id=f"r{i}",
+            teacher_id="t",
+            teacher_version=teacher.version,
+            labels=LABELS,  # the teacher does not know the new intent
+            label_set_version=teacher.label_set_version,
+            logits=tuple(float(x) for x in row),
+        )
+        batch.append(Example(f"r{i}", e.turns, soft, new if i % 2 == 0 else e.intent))
+    p_new = {}
+    for weight in (0.0, 1.0):
+        settings = _settings(tmp_path, novel_label_weight=weight, alpha=0.9, lr=3e-3)
+        learner = learner_from_teacher(
+            teacher, ModelSettings(max_length=32, student_layers=(0, 1)), settings
+        )
+        learner.add_labels([new])
+        assert learner._novel(batch[0]) and not learner._novel(batch[1])
+        torch.manual_seed(0)
+        for _ in range(8):
+            learner.learn_many(batch)
+        probs = learner.predict_many([ex.turns for ex in batch[::2]])
+        p_new[weight] = float(probs[:, learner.labels.index(new)].mean())
+    assert p_new[1.0] > p_new[0.0] + 0.05, p_new

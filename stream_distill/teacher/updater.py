@@ -261,6 +261,7 @@ class TeacherUpdater:
             holdout,
             margin=self.settings.update_margin,
             min_holdout=self.settings.update_min_holdout,
+            z=self.settings.update_significance_z,
         )
         return candidate, verdict
 

@@ -174,6 +174,13 @@ class Learner:
                 logits.append(target)
         return rows, torch.tensor(logits, dtype=torch.float32).reshape(len(rows), len(self.labels))
 
+    def _novel(self, ex: Example) -> bool:
+        """A hard label that is in the student's labels but in no teacher label list."""
+        if ex.hard is None or ex.hard not in self._index:
+            return False
+        known = ex.teacher_labels
+        return bool(known) and all(ex.hard not in soft.labels for soft in known)
+
     def teacher_choice(self, ex: Example) -> str | None:
         """The label the KD target of ``ex`` ranks first, among the student's labels."""
         if self.settings.strategy == "multi_teacher":
@@ -219,6 +226,12 @@ class Learner:
         # With only one kind of label in the batch, that kind carries the whole weight.
         alpha = self.settings.alpha if (has_kd and has_ce) else (1.0 if has_kd else 0.0)
         loss = combined(kd, ce, alpha)
+        novel = [i for i, ex in enumerate(examples) if self._novel(ex)] if has_kd else []
+        if novel and self.settings.novel_label_weight > 0:
+            # A hard label no teacher can express: KD cannot teach it, so its example's CE
+            # also carries the KD share (a new intent is learnt before teachers catch up).
+            extra = hard_ce(logits[novel], targets[novel])
+            loss = loss + alpha * self.settings.novel_label_weight * extra
         att = self._attention_loss(out, batch, examples) if use_att else loss.detach() * 0.0
         loss = loss + self.settings.attention_weight * att
         self.optimizer.zero_grad(set_to_none=True)

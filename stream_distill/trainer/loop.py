@@ -15,10 +15,14 @@ grown list is checkpointed and published with the next version.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import os
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +100,7 @@ class Trainer:
         self.offsets: dict[TopicPartition, int] = {}
         self._ckpt_at = (time.monotonic(), 0)  # when, and at which step, the last one was
         self.fresh_taken = 0  # fresh examples learned (what buys idle replay steps)
+        self._idle_pool: ThreadPoolExecutor | None = None
         self.idle_replayed = 0  # examples learned in replay-only steps
         self._last_soft = time.monotonic()
         self.stats = TrainerStats()
@@ -254,8 +259,20 @@ class Trainer:
         batch = self.replay.sample(self.settings.batch_size)
         self.idle_replayed += len(batch)
         starved = time.monotonic() - self._last_soft > self.settings.self_fallback_s
-        await self._learn(batch, starved)
+        await self._learn(batch, starved, self._idle_executor())
         self.hooks.on_idle_replay(len(batch))
+
+    def _idle_executor(self) -> ThreadPoolExecutor | None:
+        """A thread of its own, at ``idle_replay_nice``: replay-only steps use CPU that the
+        other roles on the host (scorer, teacher updater, serve) leave over."""
+        nice = self.settings.idle_replay_nice
+        if nice <= 0:
+            return None
+        if self._idle_pool is None:
+            self._idle_pool = ThreadPoolExecutor(
+                1, "sd-idle-replay", initializer=_lower_priority, initargs=(nice,)
+            )
+        return self._idle_pool
 
     def _observe_teachers(self, new: list[Example]) -> None:
         """Score each teacher on the fresh hard labels (once per example: a hard label
@@ -270,10 +287,14 @@ class Trainer:
             ids = sorted(panel.seen)
             self.hooks.on_teacher_weights(dict(zip(ids, panel.weights(ids), strict=True)))
 
-    async def _learn(self, batch: list[Example], self_targets: bool = False) -> None:
-        losses = await asyncio.to_thread(
-            functools.partial(self.learner.learn_many, batch, self_targets=self_targets)
-        )
+    async def _learn(
+        self,
+        batch: list[Example],
+        self_targets: bool = False,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        step = functools.partial(self.learner.learn_many, batch, self_targets=self_targets)
+        losses = await asyncio.get_running_loop().run_in_executor(executor, step)
         self.stats.steps += 1
         self.stats.last_losses = losses
         self.hooks.on_train_step(
@@ -392,9 +413,18 @@ class Trainer:
                     await self.checkpoint()
                     last_publish, steps_at_publish = time.monotonic(), self.learner.steps
             await self.checkpoint()
+        if self._idle_pool is not None:
+            self._idle_pool.shutdown(wait=False)
+            self._idle_pool = None
 
 
 ROUND_SIGNAL = signal.SIGUSR1
+
+
+def _lower_priority(nice: int) -> None:
+    """Thread initializer: raise this thread's niceness (Linux schedules threads one by one)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 def round_on_signal(trainer: Trainer, loop: asyncio.AbstractEventLoop | None = None) -> bool:
