@@ -436,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["settings"] = {
         k: v if isinstance(v, int | float | str | list | None) else str(v)
         for k, v in vars(args).items()
+        if k not in ("json", "merge_into")  # where the results went is not a setting
     }
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
     result["wall_s"] = round(time.monotonic() - started, 1)

@@ -10,7 +10,6 @@ with a reason a human can act on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import functools
 import math
@@ -32,6 +31,7 @@ from stream_distill.errors import ModelRejected
 from stream_distill.events import Turn
 from stream_distill.models.text import TextEncoder
 from stream_distill.registry.store import ModelVersion
+from stream_distill.threads import low_priority_executor, lower_this_thread
 
 FloatArray = npt.NDArray[np.float32]
 P = ParamSpec("P")
@@ -95,15 +95,9 @@ LOAD_NICE = 10
 """Niceness of the model-loading thread: a load (seconds of CPU) yields to requests."""
 
 
-def _lower_priority() -> None:
-    # Linux keeps a nice value per thread; elsewhere this is a no-op.
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICE)
-
-
 @functools.cache
 def _loader() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(1, thread_name_prefix="sd-load", initializer=_lower_priority)
+    return low_priority_executor("sd-load", LOAD_NICE)
 
 
 async def in_background(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -140,7 +134,7 @@ _DROPS: queue.SimpleQueue[object] = queue.SimpleQueue()
 @functools.cache
 def _dropper() -> threading.Thread:
     def drop() -> None:
-        _lower_priority()
+        lower_this_thread(LOAD_NICE)
         while True:
             session = _DROPS.get()
             del session  # the last reference: onnxruntime frees it here

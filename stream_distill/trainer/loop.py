@@ -15,12 +15,9 @@ grown list is checkpointed and published with the next version.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-import os
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +32,7 @@ from stream_distill.errors import PoisonRecord
 from stream_distill.events import HardLabel, RequestEvent, SoftLabel
 from stream_distill.metrics.hooks import Hooks
 from stream_distill.registry.base import ModelStore
+from stream_distill.threads import low_priority_executor
 from stream_distill.trainer.checkpoint import (
     CheckpointStore,
     Snapshot,
@@ -269,9 +267,7 @@ class Trainer:
         if nice <= 0:
             return None
         if self._idle_pool is None:
-            self._idle_pool = ThreadPoolExecutor(
-                1, "sd-idle-replay", initializer=_lower_priority, initargs=(nice,)
-            )
+            self._idle_pool = low_priority_executor("sd-idle-replay", nice)
         return self._idle_pool
 
     def _observe_teachers(self, new: list[Example]) -> None:
@@ -419,12 +415,6 @@ class Trainer:
 
 
 ROUND_SIGNAL = signal.SIGUSR1
-
-
-def _lower_priority(nice: int) -> None:
-    """Thread initializer: raise this thread's niceness (Linux schedules threads one by one)."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 def round_on_signal(trainer: Trainer, loop: asyncio.AbstractEventLoop | None = None) -> bool:
