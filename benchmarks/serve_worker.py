@@ -7,7 +7,8 @@ answers one JSON command per stdin line with one JSON line on stdout:
 - ``{"cmd": "raw_ort", "n": 2000}``: onnxruntime ``run`` alone at batch 1 and the
   whole ``predict`` (tokenise + run + softmax), in this process, p50/p99 ms;
 - ``{"cmd": "swap", "n": 50}``: ``n`` hot swaps back to back, alternating between two
-  registry versions (each a full load: read, sha256, session, verify, swap);
+  registry versions (each a full load: read, sha256, session, verify, swap), with the
+  model-loading thread's CPU per swap (``load_cpu_ms_per_swap``);
 - ``{"cmd": "rss"}``: resident set size in MB;
 - ``{"cmd": "cpu"}``: CPU seconds so far by thread name (``MainThread``: the event loop);
 - ``{"cmd": "profile"}``: cProfile the event loop's thread from now on;
@@ -125,6 +126,7 @@ def raw_ort(session: StudentSession, n: int) -> dict[str, Any]:
 async def swaps(core: Any, versions: list[str], n: int) -> dict[str, Any]:
     ok = failed = 0
     took = []
+    cpu0 = _thread_cpu_s()
     t_start = time.monotonic()
     for _ in range(n):
         target = versions[0] if core.version == versions[1] else versions[1]
@@ -135,13 +137,18 @@ async def swaps(core: Any, versions: list[str], n: int) -> dict[str, Any]:
             failed += 1
         took.append((time.perf_counter() - t0) * 1e3)
     t_end = time.monotonic()
+    cpu1 = _thread_cpu_s()
     gc.collect()  # after t_end: a stall of the benchmark's own, not of the swaps
+    # CPU of the model-loading thread per swap (read, sha256, session, verify)
+    loader = [name for name in cpu1 if name.startswith("sd-load")]
+    load_cpu_s = sum(cpu1[k] - cpu0.get(k, 0.0) for k in loader)
     return {
         "swaps": ok,
         "failed": failed,
         "t_start": t_start,
         "t_end": t_end,
         "swap_ms": _pcts(took),
+        "load_cpu_ms_per_swap": round(load_cpu_s / max(n, 1) * 1e3, 1),
     }
 
 

@@ -19,8 +19,11 @@ student evaluated on the test split).
    serve answered with when the ``--recall-after``-th drift request was sent (also at the
    end: ``new_intent_recall_final``); ``teacher_updates`` = TeacherPublished records on the
    teacher-models topic other than the seed. ``--drift-rate`` paces this run alone; the
-   updater's ``new_intent_min_examples`` and ``update_steps`` come from the flags of those
-   names (``--quick``: 10 requests/s, 40 steps, 60 s settle, for a two-core host).
+   updater's ``new_intent_min_examples`` (2), ``new_intent_join_examples`` (1) and
+   ``update_steps`` (60) come from the flags of those names: short updates that start at
+   the second label of an unknown intent and take along every other one seen, refreshed
+   as their labels double (``--quick``: 10 requests/s, 40 steps, 60 s settle, for a
+   two-core host).
 
 Teachers are cached under ``--data-dir``/teachers: run 1 shares ``distillation.py``'s
 (``bench-<data>``, same split, limits and settings), the drift teacher is
@@ -321,6 +324,7 @@ async def drift_run(
         **sampler_env(args, args.drift_sampling),
         "SD_TEACHER__NEW_INTENT_MIN_EXAMPLES": str(args.new_intent_min_examples),
         "SD_TEACHER__UPDATE_STEPS": str(args.update_steps),
+        "SD_TEACHER__NEW_INTENT_JOIN_EXAMPLES": str(args.new_intent_join_examples),
         "SD_SERVE__FEEDBACK_INTENT_ADMINS": json.dumps(["bench"]),
     }
     updater = ("teacher-updater", "--teacher-dir", str(teacher_dir))
@@ -381,8 +385,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="sample_X=V",
         help="a teacher.sample_* setting for the adaptive runs (repeatable)",
     )
-    p.add_argument("--new-intent-min-examples", type=int, default=4)
-    p.add_argument("--update-steps", type=int, default=100)
+    p.add_argument("--new-intent-min-examples", type=int, default=2)
+    p.add_argument("--new-intent-join-examples", type=int, default=1)
+    p.add_argument("--update-steps", type=int, default=60)
     p.add_argument("--drift-rate", type=float, help="requests/s of the drift run (default --rate)")
     p.add_argument("--drift-settle-s", type=float, help="the drift run's --settle-s")
     for flag, default in (  # as in distillation.py (same defaults: the same cached teacher)

@@ -57,6 +57,22 @@ class TeacherSettings(Section):
         ge=1,
         description="Hard labels of an intent the teacher lacks that start an update at once.",
     )
+    new_intent_join_examples: int = Field(
+        default=2,
+        ge=1,
+        description=(
+            "An update (whatever started it) also adds every unknown intent with this many hard"
+            " labels, so intents that appear together are learnt together."
+        ),
+    )
+    new_intent_refresh_until: int = Field(
+        default=32,
+        ge=0,
+        description=(
+            "An added intent is tuned again at once each time its hard labels double, until"
+            " it was tuned with this many (0: only the periodic updates)."
+        ),
+    )
     update_steps: int = Field(
         default=100, ge=1, description="Optimizer steps per teacher update (fresh + replayed)."
     )
@@ -103,6 +119,15 @@ class TeacherSettings(Section):
             "An update is worse only when its loss on old intents exceeds update_margin by this"
             " many standard errors of the paired difference (1.645: one-sided 95 %; 0: the"
             " plain margin rule)."
+        ),
+    )
+    relabel_recent: int = Field(
+        default=2000,
+        ge=0,
+        description=(
+            "After an update that adds intents, the updater scores the newest this many requests"
+            " with the new version and publishes soft labels for those it assigns to an added"
+            " intent, so the student learns them from the traffic already seen (0: off)."
         ),
     )
     metrics_port: int | None = Field(
@@ -284,6 +309,14 @@ class TrainerSettings(Section):
             " know yet) adds alpha × this × its CE: it is learnt at full weight, not (1-alpha)."
         ),
     )
+    overruled_label_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "A hard label that every teacher knows but ranks below another intent (the teacher"
+            " is wrong on a confirmed answer) adds alpha × this × its CE (0: off)."
+        ),
+    )
     attention_weight: float = Field(
         default=0.1, ge=0, description="Weight of the [CLS] attention alignment term."
     )
@@ -334,6 +367,19 @@ class TrainerSettings(Section):
     )
     replay_ratio: float = Field(
         default=0.5, ge=0, lt=1, description="Share of each batch drawn from the reservoir."
+    )
+    new_class_replay_share: float = Field(
+        default=0.5,
+        ge=0,
+        lt=1,
+        description=(
+            "Share of each replay draw taken from recent examples of intents the student added"
+            " within new_class_replay_steps (0: off), so new intents are rehearsed while they"
+            " are learnt."
+        ),
+    )
+    new_class_replay_steps: int = Field(
+        default=2000, ge=1, description="Optimizer steps an added intent is rehearsed for."
     )
     idle_replay_factor: float = Field(
         default=4.0,

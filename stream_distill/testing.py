@@ -220,6 +220,9 @@ class RecordingHooks(Hooks):
     def on_teacher_swap(self, version: str, ok: bool, reason: str = "") -> None:
         self.calls.append(("on_teacher_swap", (version, ok, reason)))
 
+    def on_teacher_relabel(self, scored: int, published: int) -> None:
+        self.calls.append(("on_teacher_relabel", (scored, published)))
+
     def on_train_step(self, losses: Mapping[str, float], examples: int, seconds: float) -> None:
         self.calls.append(("on_train_step", (dict(losses), examples, seconds)))
 

@@ -192,6 +192,45 @@ def test_soft_label_from_a_new_teacher_version_replaces() -> None:
     assert ex.soft is not None and ex.soft.teacher_version == "t2"
 
 
+def _grown_soft(rid: str) -> SoftLabel:
+    """A newer teacher version that learnt one more intent, relabelling ``rid`` with it."""
+    return SoftLabel(
+        ts=TS,
+        request_id=rid,
+        teacher_id="teacher",
+        teacher_version="t3",
+        labels=(*LABELS, "promo"),
+        label_set_version="ls2",
+        logits=(0.0, 0.0, 0.0, 4.0),
+    )
+
+
+def test_a_relabel_with_a_grown_label_set_makes_a_trained_example_ready_again() -> None:
+    j = _join()
+    j.add_request(_req("a"))
+    j.add_soft(_soft("a", version="t1"))
+    assert _ids(j.take_ready(10)) == ["a"]
+    # the same label set from a newer version (a periodic update): learnt once is enough
+    j.add_soft(_soft("a", version="t2"))
+    assert j.ready_count == 0 and j.stats.relabelled == 0
+    grown = _grown_soft("a")
+    j.add_soft(grown)
+    [ex] = j.take_ready(10)
+    assert ex.soft == grown and j.stats.relabelled == 1
+    j.add_soft(grown)  # a duplicate changes nothing
+    assert j.ready_count == 0 and j.stats.relabelled == 1
+
+
+def test_a_relabel_never_trains_a_held_out_example() -> None:
+    j = _join(holdout_fraction=1.0)
+    j.add_request(_req("a"))
+    j.add_soft(_soft("a"))
+    j.add_hard(_hard("a"))
+    grown = _grown_soft("a")
+    j.add_soft(grown)
+    assert j.ready_count == 0 and j.stats.relabelled == 0 and len(j.holdout) == 1
+
+
 def test_duplicate_feedback_id_ignored_and_counted() -> None:
     j = _join()
     j.add_request(_req("a"))

@@ -106,6 +106,35 @@ def test_trigger_policy() -> None:
     assert reason({"a": 1}, fresh=0, since=1e6) is None  # nothing fresh: nothing to learn
 
 
+def test_updates_add_intents_together_and_refresh_them_as_examples_double() -> None:
+    policy = UpdatePolicy(
+        every_labels=100, every_s=60.0, new_intent_min=4, join_min=2, refresh_until=16
+    )
+    known: tuple[str, ...] = ("a", "b")
+    counts = {"a": 50, "c": 4, "d": 2, "e": 1}
+    assert policy.reason(known=known, counts=counts, fresh=0, since_last_s=0) == "new_intent:c"
+    # "d" rides along with two examples; "e" with one does not
+    assert policy.joining(known, counts) == ["c", "d"]
+    # a rejected try at this count keeps "d" out until it has more
+    assert policy.joining(known, counts, tried={"c": 4, "d": 2}) == []
+    assert policy.joining(known, {**counts, "d": 3}, tried={"c": 4, "d": 2}) == ["d"]
+    # after the update added them: again at once when their examples double
+    known = ("a", "b", "c", "d")
+    added = {"c": 4, "d": 2}
+
+    def reason(counts: dict[str, int]) -> str | None:
+        return policy.reason(known=known, counts=counts, fresh=0, since_last_s=0, added=added)
+
+    assert reason({"a": 50, "c": 7, "d": 3}) is None
+    assert reason({"a": 50, "c": 7, "d": 4}) == "refresh:d"
+    assert reason({"a": 50, "c": 8, "d": 3}) == "refresh:c"
+    assert policy.refreshing({"c": 40, "d": 40}, {"c": 16, "d": 8}) == ["d"]  # c: tuned enough
+    # the defaults keep the old behaviour: no joining below new_intent_min, no refresh
+    plain = UpdatePolicy(every_labels=100, every_s=60.0, new_intent_min=4)
+    assert plain.joining(("a",), {"c": 4, "d": 3}) == ["c"]
+    assert plain.refreshing({"c": 100}, {"c": 4}) == []
+
+
 def test_labelled_set_joins_in_either_order_and_stays_bounded() -> None:
     s = LabelledSet(window=3, max_examples=4, holdout_fraction=0.2)
     turns = (Turn(role="user", text="hi"),)
@@ -417,9 +446,24 @@ async def test_new_intent_update_reaches_scorer_and_soft_labels(
     expected = new_teacher.predict([ex.turns for ex in fresh], attention=False).logits
     got = np.array([soft[ex.request_id].logits for ex in fresh])
     assert np.allclose(got, expected, atol=1e-4)
-    # requests scored before the swap carry the old version and list
-    old = [soft[ex.request_id] for ex in stream]
-    assert all(lb.teacher_version == first.version and lb.labels == LABELS for lb in old)
+    # Requests scored before the swap keep the old version and list, except those the new
+    # teacher assigns to the new intent: the updater scored the recent requests again and
+    # relabelled them (keyed like the scorer's, so the relabel is the newer on its partition).
+    says = new_teacher.predict_labels([ex.turns for ex in stream])
+    relabelled = {ex.request_id for ex, intent in zip(stream, says, strict=True) if intent == NEW}
+    assert relabelled  # the stream holds the new intent's requests: some are found
+    for ex in stream:
+        label = soft[ex.request_id]
+        if ex.request_id in relabelled:
+            assert label.teacher_version == new_teacher.version
+            assert label.labels == (*LABELS, NEW)
+        else:
+            assert label.teacher_version == first.version and label.labels == LABELS
+    redone = [ex for ex in stream if ex.request_id in relabelled]
+    expected_new = new_teacher.predict([ex.turns for ex in redone], attention=False).logits
+    got_new = np.array([soft[ex.request_id].logits for ex in redone])
+    assert np.allclose(got_new, expected_new, atol=1e-4)
+    assert updater_hooks.named("on_teacher_relabel") == [(len(stream), len(relabelled))]
     # the announcement on the teacher-models topic
     announced = await _records(bus, topics.teacher_models, TeacherPublished, 2)
     assert [(e.version, e.reason) for e in announced] == [
@@ -475,3 +519,87 @@ def test_worse_means_significantly_worse_on_the_same_examples() -> None:
     many_lost = [False] * 20 + [True] * 40 + [True] * 2  # 20 lost, 2 gained
     assert significantly_worse(before, many_lost, 0.02, 1.645)
     assert not significantly_worse(before, before, 0.0, 0.0)
+
+
+async def test_intents_that_appear_together_are_added_together_refreshed_and_relabelled(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    """On a memory bus: one update adds every unknown intent with enough labels, the recent
+    requests it assigns to them get soft labels of the new version, and an added intent is
+    tuned again when its labels double."""
+    from stream_distill.bus.memory import MemoryBus
+
+    torch.set_num_threads(1)
+    bus = MemoryBus()
+    await bus.ensure_topics()
+    settings = TeacherSettings(
+        new_intent_min_examples=4,
+        new_intent_join_examples=2,
+        new_intent_refresh_until=16,
+        update_every_labels=100_000,
+        update_steps=5,
+        update_min_holdout=10_000,  # this test is about what is added, not how well
+        update_holdout_fraction=1e-9,
+        emit_attention=False,
+        precision="float32",
+    )
+    hooks = RecordingHooks()
+    updater = TeacherUpdater(
+        bus, TeacherStore(tmp_path / "store"), settings, base=TeacherModel.load(base_dir),
+        hooks=hooks,
+    )  # fmt: skip
+    first, second = PROMO_INTENTS
+    third = INTENTS[6]
+    assert third not in LABELS
+
+    async def feed(examples: Sequence[Labelled]) -> None:
+        async with bus.producer() as p:
+            for ex in examples:
+                await p.send(bus.topics.requests, codec.encode(_request(ex.request_id, ex.turns)))
+                hard = _hard(ex.request_id, ex.intent, ts=datetime.now(UTC))
+                await p.send(bus.topics.hard_labels, codec.encode(hard))
+
+    def some(intent: str, n: int, seed: int) -> list[Labelled]:
+        return _labelled(n, seed=seed, intents=(intent,))
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(updater.run(stop))
+    try:
+        await asyncio.wait_for(updater.ready.wait(), 10)
+        unlabelled = _labelled(30, seed=41, intents=(*LABELS, first))
+        async with bus.producer() as p:  # traffic without feedback: relabel candidates
+            for ex in unlabelled:
+                await p.send(bus.topics.requests, codec.encode(_request(ex.request_id, ex.turns)))
+        await feed([*some(second, 2, 42), *some(third, 1, 43), *some(first, 4, 44)])
+        await eventually(lambda: len(updater.history) == 1, timeout_s=30)
+        assert (updater.history[0].reason, updater.history[0].version) == (
+            f"new_intent:{first}",
+            "v2",
+        )
+        # the second rode along with two labels; the third, with one, waits
+        assert updater.teacher.labels == (*LABELS, first, second)
+        assert updater.added == {first: 4, second: 2}
+        # both learnt intents' recent requests were scored again and relabelled
+        [(scored, published)] = hooks.named("on_teacher_relabel")
+        assert scored == 30 + 7
+        relabels = [codec.decode(SoftLabel, r.value) for r in bus.records(bus.topics.soft_labels)]
+        assert len(relabels) == published
+        assert all(lb.teacher_version == updater.teacher.version for lb in relabels)
+        says = dict(
+            zip(
+                [ex.request_id for ex in unlabelled],
+                updater.teacher.predict_labels([ex.turns for ex in unlabelled]),
+                strict=True,
+            )
+        )
+        wanted = {rid for rid, intent in says.items() if intent in (first, second)}
+        assert wanted <= {lb.request_id for lb in relabels}
+
+        # two more of the second doubles its labels: tuned again at once
+        await feed(some(second, 2, 45))
+        await eventually(lambda: len(updater.history) == 2, timeout_s=30)
+        assert updater.history[1].reason == f"refresh:{second}"
+        assert updater.added[second] == 4
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

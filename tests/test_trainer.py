@@ -17,7 +17,7 @@ from stream_distill.bus.codec import decode, encode
 from stream_distill.bus.memory import MemoryBus
 from stream_distill.config import ModelSettings, TrainerSettings
 from stream_distill.data.synthetic import INTENTS, labelled_examples
-from stream_distill.events import HardLabel, ModelPublished, RequestEvent, SoftLabel
+from stream_distill.events import HardLabel, ModelPublished, RequestEvent, SoftLabel, Turn
 from stream_distill.models.factory import default_tokenizer_json, tiny_classifier
 from stream_distill.models.text import TextEncoder
 from stream_distill.registry.store import Registry
@@ -27,6 +27,7 @@ from stream_distill.trainer.build import learner_from_teacher
 from stream_distill.trainer.join import Example
 from stream_distill.trainer.loop import Trainer
 from stream_distill.trainer.publish import eval_set
+from stream_distill.trainer.rehearsal import MAX_REPEAT
 
 torch.set_num_threads(1)
 LABELS = INTENTS[:6]
@@ -516,3 +517,86 @@ def test_a_hard_label_no_teacher_knows_is_learnt_at_full_weight(tmp_path: Path) 
         probs = learner.predict_many([ex.turns for ex in batch[::2]])
         p_new[weight] = float(probs[:, learner.labels.index(new)].mean())
     assert p_new[1.0] > p_new[0.0] + 0.05, p_new
+
+
+async def test_new_intents_are_rehearsed_in_the_training_batches(tmp_path: Path) -> None:
+    teacher = _teacher()
+    settings = _settings(tmp_path, batch_size=8, replay_ratio=0.5, new_class_replay_share=0.5)
+    learner = learner_from_teacher(
+        teacher, ModelSettings(max_length=32, student_layers=(0,)), settings
+    )
+    trainer = Trainer(MemoryBus(Topics("q.")), Registry(tmp_path / "reg"), learner, settings, "{}")
+    turns = (Turn(role="user", text="hello"),)
+    for i in range(400):  # a reservoir of old intents
+        trainer.replay.add(Example(f"o{i}", turns, None, LABELS[i % len(LABELS)]))
+    trainer._grow(["promo_signup"], "hard label")
+    batches: list[list[str]] = []
+
+    async def capture(batch: list[Example], *args: object) -> None:
+        batches.append([ex.request_id for ex in batch])
+
+    trainer._learn = capture  # type: ignore[method-assign]
+
+    def labelled(rid: str, intent: str) -> None:
+        trainer.join.add_request(
+            RequestEvent(
+                request_id=rid,
+                conversation_id="c",
+                turns=turns,
+                served_intent=LABELS[0],
+                entropy=0.0,
+                margin=0.0,
+                model_version="v",
+                latency_ms=0.0,
+            )
+        )
+        trainer.join.add_hard(HardLabel(feedback_id=f"f-{rid}", request_id=rid, intent=intent))
+
+    for i in range(MAX_REPEAT):  # enough examples of the new intent to rehearse
+        labelled(f"new{i}", "promo_signup")
+    while trainer.join.ready_count:
+        await trainer._step()
+    first = len(batches)
+    for i in range(6):  # then fresh examples of old intents only
+        labelled(f"fresh{i}", LABELS[0])
+        await trainer._step()
+    # every later batch rehearses the new intent (8 of 408: one batch in eight otherwise)
+    later = batches[first:]
+    assert all(any(rid.startswith("new") for rid in b) for b in later)
+    assert all(len(b) == 8 for b in batches) and trainer.rehearsal.drawn >= 6
+
+
+def test_a_confirmed_answer_the_teacher_ranks_lower_can_outweigh_it(tmp_path: Path) -> None:
+    from stream_distill.trainer.join import Example
+
+    teacher = _teacher()
+    rows = [e for e in labelled_examples(80, seed=7) if e.intent in LABELS][:16]
+    logits = teacher.predict([e.turns for e in rows], attention=False).logits
+    batch = []
+    for i, (e, row) in enumerate(zip(rows, logits, strict=True)):
+        soft = SoftLabel(
+            request_id=f"r{i}",
+            teacher_id="t",
+            teacher_version=teacher.version,
+            labels=LABELS,
+            label_set_version=teacher.label_set_version,
+            logits=tuple(float(x) for x in row),
+        )
+        # users confirmed, on every other turn, an intent the teacher does not rank first
+        top = LABELS[int(np.argmax(row))]
+        hard = next(x for x in LABELS if x != top) if i % 2 == 0 else None
+        batch.append(Example(f"r{i}", e.turns, soft, hard))
+    p_hard = {}
+    for weight in (0.0, 2.0):
+        settings = _settings(tmp_path, overruled_label_weight=weight, alpha=0.9, lr=3e-3)
+        learner = learner_from_teacher(
+            teacher, ModelSettings(max_length=32, student_layers=(0, 1)), settings
+        )
+        assert learner._overruled(batch[0]) and not learner._overruled(batch[1])
+        torch.manual_seed(0)
+        for _ in range(8):
+            learner.learn_many(batch)
+        probs = learner.predict_many([ex.turns for ex in batch[::2]])
+        wanted = [learner.labels.index(ex.hard) for ex in batch[::2] if ex.hard]
+        p_hard[weight] = float(np.mean([probs[k, j] for k, j in enumerate(wanted)]))
+    assert p_hard[2.0] > p_hard[0.0] + 0.05, p_hard

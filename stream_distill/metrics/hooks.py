@@ -78,6 +78,9 @@ class Hooks:
     def on_teacher_swap(self, version: str, ok: bool, reason: str = "") -> None:
         """A scorer verified and took a teacher version (ok), or rejected it."""
 
+    def on_teacher_relabel(self, scored: int, published: int) -> None:
+        """After an update that added intents: recent requests scored, soft labels sent."""
+
     # trainer
     def on_train_step(self, losses: Mapping[str, float], examples: int, seconds: float) -> None:
         """One optimizer step with its loss components."""

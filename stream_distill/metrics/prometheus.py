@@ -164,6 +164,12 @@ class PrometheusHooks(Hooks):
             "sd_teacher_swaps", "Teacher versions taken or rejected by scorers.", ["result"],
             registry=r,
         )  # fmt: skip
+        self.teacher_relabelled = Counter(
+            "sd_teacher_relabelled",
+            "Recent requests scored again after an update added intents, and soft labels sent.",
+            ["result"],
+            registry=r,
+        )
         self.teacher_info = Gauge(
             "sd_teacher_info", "1 for the teacher version now scoring.", ["version"], registry=r
         )
@@ -273,6 +279,10 @@ class PrometheusHooks(Hooks):
         result = "published" if accepted else "rejected"
         self.teacher_updates.labels(reason_label(reason, 1), result).inc()
         self.teacher_update_seconds.observe(seconds)
+
+    def on_teacher_relabel(self, scored: int, published: int) -> None:
+        self.teacher_relabelled.labels("scored").inc(scored)
+        self.teacher_relabelled.labels("published").inc(published)
 
     def on_teacher_swap(self, version: str, ok: bool, reason: str = "") -> None:
         self.teacher_swaps.labels("ok" if ok else reason_label(reason)).inc()

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from stream_distill.errors import IntegrityError, RegistryError
+from stream_distill.registry.sealed import SealedFile, sha256_of
 
 MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.json"
@@ -43,13 +44,23 @@ def sort_versions(names: list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class ModelVersion:
-    """A verified version, read fully into memory."""
+    """A verified version, read fully into memory.
+
+    ``content`` holds ``model.onnx``: ``bytes``, or (loaded from a local store on Linux)
+    a :class:`~stream_distill.registry.sealed.SealedFile` that nothing can change.
+    """
 
     version: str
-    model: bytes
+    content: bytes | SealedFile
     labels: tuple[str, ...]
     tokenizer_json: str
     manifest: dict[str, Any]
+
+    @property
+    def model(self) -> bytes:
+        """``model.onnx`` as bytes (a copy when the content is a sealed file)."""
+        content = self.content
+        return content.read() if isinstance(content, SealedFile) else content
 
     @property
     def sha256(self) -> str:
@@ -88,21 +99,29 @@ def build_manifest(
     }
 
 
-def verified(version: str, manifest: dict[str, Any], blobs: Mapping[str, bytes]) -> ModelVersion:
-    """Check ``blobs`` (every file the manifest names) against it; the loaded version."""
+def verified(
+    version: str, manifest: dict[str, Any], blobs: Mapping[str, bytes | SealedFile]
+) -> ModelVersion:
+    """Check ``blobs`` (every file the manifest names) against it; the loaded version.
+
+    Each file is hashed exactly once, here; only ``model.onnx`` may be a sealed file.
+    """
     expected: dict[str, str] = manifest["files"]
     for name in (MODEL_FILE, LABELS_FILE, TOKENIZER_FILE):
         if name not in blobs:
             raise RegistryError(f"version {version} lacks {name}")
     for name, data in blobs.items():
-        if sha256_bytes(data) != expected[name]:
+        if sha256_of(data) != expected[name]:
             raise IntegrityError(f"{version}/{name}: sha256 differs from manifest")
-    labels = json.loads(blobs[LABELS_FILE])
+    labels = json.loads(_plain(blobs[LABELS_FILE]))
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise RegistryError(f"version {version}: labels.json is not a list of strings")
-    return ModelVersion(
-        version, blobs[MODEL_FILE], tuple(labels), blobs[TOKENIZER_FILE].decode(), manifest
-    )
+    tokenizer_json = _plain(blobs[TOKENIZER_FILE]).decode()
+    return ModelVersion(version, blobs[MODEL_FILE], tuple(labels), tokenizer_json, manifest)
+
+
+def _plain(data: bytes | SealedFile) -> bytes:
+    return data.read() if isinstance(data, SealedFile) else data
 
 
 class ModelStore(Protocol):

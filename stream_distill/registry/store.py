@@ -35,6 +35,7 @@ from stream_distill.registry.base import (
     sort_versions,
     verified,
 )
+from stream_distill.registry.sealed import SealedFile, read_model
 
 # Older imports name these from here.
 __all__ = [
@@ -92,12 +93,21 @@ class Registry(VersionedStore):
             shutil.rmtree(staging, ignore_errors=True)
 
     def load(self, version: str) -> ModelVersion:
-        """Read a version and verify every file against its manifest."""
+        """Read a version and verify every file against its manifest.
+
+        ``model.onnx`` is copied into a sealed in-memory file where possible (see
+        :mod:`~stream_distill.registry.sealed`): hashed there, and loaded from there.
+        """
         check_version_name(version)
         folder = self.versions_dir / version
         try:
             manifest = json.loads((folder / MANIFEST_FILE).read_bytes())
-            blobs = {name: (folder / name).read_bytes() for name in manifest["files"]}
+            blobs: dict[str, bytes | SealedFile] = {
+                name: read_model(folder / name)
+                if name == MODEL_FILE
+                else (folder / name).read_bytes()
+                for name in manifest["files"]
+            }
             return verified(version, manifest, blobs)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RegistryError(f"version {version} unreadable: {exc}") from exc

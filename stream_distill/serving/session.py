@@ -1,8 +1,8 @@
 """One student model, ready to answer: an onnxruntime session plus its tokenizer.
 
 This is the only module that imports onnxruntime. A session is built from the
-bytes a :class:`~stream_distill.registry.store.ModelVersion` already verified
-(never from a path, so what runs is what was hashed), then :meth:`verify`
+content a :class:`~stream_distill.registry.store.ModelVersion` already verified
+(never from the registry's path, so what runs is what was hashed), then :meth:`verify`
 decides whether it may serve. Anything wrong becomes :class:`ModelRejected`
 with a reason a human can act on.
 """
@@ -29,7 +29,8 @@ from tokenizers import Tokenizer
 from stream_distill.config import ServeSettings
 from stream_distill.errors import ModelRejected
 from stream_distill.events import Turn
-from stream_distill.models.text import TextEncoder
+from stream_distill.models.text import Batch, TextEncoder
+from stream_distill.registry.sealed import SealedFile, sealing_available
 from stream_distill.registry.store import ModelVersion
 from stream_distill.threads import low_priority_executor, lower_this_thread
 
@@ -144,20 +145,32 @@ def _dropper() -> threading.Thread:
     return thread
 
 
-def _load_session(model: bytes, options: ort.SessionOptions) -> ort.InferenceSession:
-    """A session from verified bytes, loaded through a private file.
+def _load_session(model: bytes | SealedFile, options: ort.SessionOptions) -> ort.InferenceSession:
+    """A session from verified bytes, loaded by path.
 
     Measured: from bytes, onnxruntime parses the model holding the GIL (a 30-60 ms stall
     of the event loop per load of the 60 MB student); from a path it parses with the GIL
-    released (a stall under 5 ms), and faster. The file sits alone in a fresh private
-    folder, so a relative external-data path finds nothing, and is gone once loaded.
+    released (a stall under 5 ms), and faster. The path is a sealed in-memory file (the
+    registry's own, or a sealed copy of ``model``): no copy on disk, and nothing can
+    change it between the sha256 check and the load. It sits alone in a fresh private
+    folder, so a relative external-data path finds nothing. Without sealing (not Linux)
+    the bytes go to a private file instead.
     """
+    if isinstance(model, bytes) and sealing_available():
+        model = SealedFile.of_bytes(model)
+    if isinstance(model, SealedFile):
+        with model.path() as path:
+            return _session_at(path, options)
     with tempfile.TemporaryDirectory(prefix="sd-load-") as folder:
         path = os.path.join(folder, "model.onnx")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(model)
-        return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        return _session_at(path, options)
+
+
+def _session_at(path: str, options: ort.SessionOptions) -> ort.InferenceSession:
+    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 @functools.lru_cache(maxsize=4)
@@ -166,6 +179,22 @@ def _tokenizer(tokenizer_json: str) -> Tokenizer:
     parsing holds the GIL for ~20 ms, a stall for every request on the event loop.
     Encoding is read-only, so sessions may share one (``TextEncoder`` configures it once)."""
     return Tokenizer.from_str(tokenizer_json)
+
+
+@functools.lru_cache(maxsize=4)
+def _encoder(tokenizer_json: str, max_length: int) -> TextEncoder:
+    """One encoder per (tokenizer, max_length): read-only, so sessions share it."""
+    return TextEncoder(_tokenizer(tokenizer_json), max_length)
+
+
+@functools.lru_cache(maxsize=4)
+def _canned(encoder: TextEncoder) -> tuple[Batch, ...]:
+    """:data:`CANNED_DIALOGUES` encoded by ``encoder``: all together, then the first two
+    alone (the warm-up at batch 1). Encoding the over-long ones holds the GIL for ~6 ms,
+    a stall of every request, so it happens once per encoder, not once per load; the
+    same encoder always encodes them the same."""
+    together = encoder.encode(CANNED_DIALOGUES)
+    return together, *(encoder.encode([d]) for d in CANNED_DIALOGUES[:2])
 
 
 @functools.cache
@@ -246,11 +275,11 @@ class StudentSession:
         if len(set(mv.labels)) != len(mv.labels):
             raise ModelRejected(f"{mv.version}: duplicate labels")
         try:
-            tokenizer = _tokenizer(mv.tokenizer_json)
+            encoder = _encoder(mv.tokenizer_json, mv.max_length)
         except Exception as exc:
             raise ModelRejected(f"{mv.version}: tokenizer.json unusable: {exc}") from exc
         try:
-            session = _load_session(mv.model, session_options(settings))
+            session = _load_session(mv.content, session_options(settings))
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             raise ModelRejected(f"{mv.version}: onnxruntime cannot load the model: {exc}") from exc
         missing = [i.name for i in session.get_inputs() if i.name not in INPUT_NAMES]
@@ -258,7 +287,6 @@ class StudentSession:
             raise ModelRejected(f"{mv.version}: unexpected model inputs {missing}")
         if not session.get_outputs():
             raise ModelRejected(f"{mv.version}: model has no outputs")
-        encoder = TextEncoder(tokenizer, mv.max_length)
         return cls(session, encoder, version=mv.version, labels=mv.labels, sha256=mv.sha256)
 
     def predict(self, dialogues: Sequence[Sequence[Turn]]) -> FloatArray:
@@ -267,7 +295,11 @@ class StudentSession:
         Rows of similar length run together (see :func:`length_runs`); each row's answer
         is the one it gets alone, since the attention mask hides padding.
         """
-        feed = self.encoder.encode(dialogues).as_feed()
+        return self._run(self.encoder.encode(dialogues))
+
+    def _run(self, batch: Batch) -> FloatArray:
+        """Probabilities for an encoded batch (see :meth:`predict`)."""
+        feed = batch.as_feed()
         lengths = feed["attention_mask"].sum(axis=1)
         parts = []
         for rows in length_runs(lengths):
@@ -291,9 +323,10 @@ class StudentSession:
         if isinstance(declared[1], int) and declared[1] != n:
             raise ModelRejected(f"{self.version}: output width {declared[1]} != {n} labels")
         try:
-            probs = self.predict(CANNED_DIALOGUES)
-            for dialogue in CANNED_DIALOGUES[:2]:  # warm-up at batch 1, as requests run
-                warm = self.predict([dialogue])
+            together, *alone = _canned(self.encoder)
+            probs = self._run(together)
+            for batch in alone:  # warm-up at batch 1, as requests run
+                warm = self._run(batch)
         except Exception as exc:
             raise ModelRejected(f"{self.version}: inference failed: {exc}") from exc
         _check_probs(self.version, probs, len(CANNED_DIALOGUES), n)

@@ -10,7 +10,6 @@ the old intents close to the current teacher's (learning without forgetting).
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from stream_distill.config import TeacherSettings
 from stream_distill.models.factory import extend_head
 from stream_distill.models.precision import autocast, use_bfloat16
+from stream_distill.significance import significantly_worse
 from stream_distill.teacher.labelled import Labelled
 from stream_distill.teacher.model import TeacherModel
 
@@ -163,21 +163,6 @@ def _accuracy(teacher: TeacherModel, examples: Sequence[Labelled]) -> tuple[floa
     """(accuracy, all logits finite)."""
     hits, finite = _hits(teacher, examples)
     return sum(hits) / len(examples), finite
-
-
-def significantly_worse(
-    before: Sequence[bool], after: Sequence[bool], margin: float, z: float
-) -> bool:
-    """Paired one-sided test (McNemar's, normal approximation) on the same examples.
-
-    ``b``: right before and wrong after; ``c``: the reverse. The candidate is worse when
-    ``b - c`` exceeds the margin's share of the examples by more than ``z`` standard
-    errors (``sqrt(b + c)``). With ``z`` = 0 this is the plain margin rule; with a few
-    dozen held-out labels it keeps one or two unlucky examples from vetoing an update.
-    """
-    b = sum(x and not y for x, y in zip(before, after, strict=True))
-    c = sum(y and not x for x, y in zip(before, after, strict=True))
-    return b - c > margin * len(before) + z * math.sqrt(b + c)
 
 
 def validate(

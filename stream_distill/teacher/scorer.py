@@ -25,8 +25,6 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-import torch
-
 from stream_distill.bus import codec
 from stream_distill.bus.base import Bus, Consumer, Producer, Record, TopicPartition, dead_letter
 from stream_distill.config import TeacherSettings
@@ -34,9 +32,9 @@ from stream_distill.errors import PoisonRecord
 from stream_distill.events import RequestEvent, SoftLabel, Turn
 from stream_distill.metrics.hooks import Hooks
 from stream_distill.models.factory import set_threads
-from stream_distill.models.precision import use_bfloat16
 from stream_distill.teacher.model import TeacherModel, TeacherOutput
 from stream_distill.teacher.sampling import AdaptiveSampler
+from stream_distill.teacher.soft import predict, soft_labels
 
 log = logging.getLogger(__name__)
 
@@ -164,30 +162,12 @@ class TeacherScorer:
         return await asyncio.to_thread(self._predict_now, dialogues, attention)
 
     def _predict_now(self, dialogues: list[tuple[Turn, ...]], attention: bool) -> TeacherOutput:
-        # autocast is per thread, so it is entered here, in the worker thread
-        bf16 = use_bfloat16(self.settings.precision)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return self.model.predict(dialogues, attention=attention)
+        precision = self.settings.precision
+        return predict(self.model, dialogues, attention=attention, precision=precision)
 
     def _labels(self, events: Sequence[RequestEvent], out: TeacherOutput) -> list[SoftLabel]:
-        m = self.model
-        labels: list[SoftLabel] = []
-        for i, event in enumerate(events):
-            # Six decimals keep the JSON short and sit far below what a KD loss can feel.
-            logits = tuple(round(float(x), 6) for x in out.logits[i])
-            attn = tuple(round(x, 5) for x in out.attention[i]) if out.attention else None
-            labels.append(
-                SoftLabel(
-                    request_id=event.request_id,
-                    teacher_id=self.settings.teacher_id,
-                    teacher_version=m.version,
-                    labels=m.labels,
-                    label_set_version=m.label_set_version,
-                    logits=logits,
-                    attention=attn,
-                )
-            )
-        return labels
+        ids = [event.request_id for event in events]
+        return soft_labels(self.model, self.settings.teacher_id, ids, out)
 
     async def _send(self, producer: Producer, event: RequestEvent, label: SoftLabel) -> None:
         # Same key as the request, so a conversation's labels share a partition too.

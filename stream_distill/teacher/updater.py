@@ -32,9 +32,10 @@ from stream_distill.errors import ConfigError, PoisonRecord, RegistryError
 from stream_distill.events import HardLabel, RequestEvent, TeacherPublished
 from stream_distill.metrics.hooks import Hooks
 from stream_distill.models.factory import set_threads
+from stream_distill.teacher import soft
 from stream_distill.teacher.finetune import Verdict, finetune, validate
 from stream_distill.teacher.labelled import Labelled, LabelledSet, UpdatePolicy
-from stream_distill.teacher.model import TeacherModel
+from stream_distill.teacher.model import TeacherModel, TeacherOutput
 from stream_distill.teacher.store import StoredTeacher, TeacherStore
 from stream_distill.teacher.swap import version_number
 
@@ -59,6 +60,8 @@ def policy_of(settings: TeacherSettings) -> UpdatePolicy:
         every_labels=settings.update_every_labels,
         every_s=settings.update_every_s,
         new_intent_min=settings.new_intent_min_examples,
+        join_min=settings.new_intent_join_examples,
+        refresh_until=settings.new_intent_refresh_until,
     )
 
 
@@ -92,6 +95,7 @@ class TeacherUpdater:
         self.trained_until: datetime | None = None
         self.fresh = 0  # tuning labels newer than ``trained_until`` since the last try
         self.tried: dict[str, int] = {}  # new intent -> its count when a try was rejected
+        self.added: dict[str, int] = {}  # intent an update added -> its count when last tuned
         self.history: list[UpdateResult] = []
         self.ready = asyncio.Event()  # set once the current teacher is known and reading began
         self._last_try = clock()
@@ -131,6 +135,7 @@ class TeacherUpdater:
             fresh=self.fresh,
             since_last_s=self.clock() - self._last_try,
             tried=self.tried,
+            added=self.added,
         )
 
     def _is_fresh(self, example: Labelled) -> bool:
@@ -182,7 +187,7 @@ class TeacherUpdater:
         current = self.teacher
         started = time.perf_counter()
         counts = self.labelled.counts()
-        new = self.policy.new_intents(current.labels, counts)
+        new = self.policy.joining(current.labels, counts, self.tried)
         examples = list(self.labelled.train.values())
         known = set(current.labels)
         fresh = [ex for ex in examples if ex.intent not in known or self._is_fresh(ex)]
@@ -221,6 +226,12 @@ class TeacherUpdater:
                 self.tried = {i: n for i, n in self.tried.items() if i not in candidate.labels}
                 version = stored.version
                 await self._announce(producer, stored, reason)
+                # new intents, and those added earlier that this update saw more of
+                learnt = [i for i in candidate.labels if i not in known or i in self.added]
+                learnt = [i for i in learnt if counts.get(i, 0) > self.added.get(i, 0)]
+                self.added.update({i: counts[i] for i in learnt})
+                if learnt and self.settings.relabel_recent:
+                    await self._relabel(candidate, learnt, producer)
                 await asyncio.to_thread(self._prune)
         if version is None:
             # Not again at once: a new intent waits for more examples, the rest for the period.
@@ -264,6 +275,58 @@ class TeacherUpdater:
             z=self.settings.update_significance_z,
         )
         return candidate, verdict
+
+    async def _relabel(self, teacher: TeacherModel, intents: list[str], producer: Producer) -> None:
+        """Score the newest requests with ``teacher`` (which just learnt ``intents``, new or
+        seen more of) and send soft labels for those it assigns to one of them.
+
+        Without this the student meets a new intent only in requests that arrive after the
+        scorers swapped, while the ones already seen keep their old teacher's soft labels,
+        which name some other intent. The trainer takes a soft label with a new label set
+        as a reason to learn an example again.
+        """
+        recent = self.labelled.recent(self.settings.relabel_recent)
+        if not recent:
+            return
+        started = time.perf_counter()
+        out = await asyncio.to_thread(
+            soft.predict,
+            teacher,
+            [turns for _, _, turns in recent],
+            attention=self.settings.emit_attention,
+            precision=self.settings.precision,
+        )
+        wanted = {teacher.labels.index(lab) for lab in intents}
+        rows = [i for i, k in enumerate(out.logits.argmax(axis=1)) if int(k) in wanted]
+        picked = TeacherOutput(
+            logits=out.logits[rows],
+            attention=[out.attention[i] for i in rows] if out.attention else [],
+        )
+        labels = soft.soft_labels(
+            teacher, self.settings.teacher_id, [recent[i][0] for i in rows], picked
+        )
+        topic = self.bus.topics.soft_labels
+        try:
+            await asyncio.gather(
+                *(
+                    producer.send(
+                        topic,
+                        codec.encode(label),
+                        key=recent[i][1].encode(),
+                        headers=codec.headers_for(label),
+                    )
+                    for i, label in zip(rows, labels, strict=True)
+                )
+            )
+        except Exception:
+            # Best effort: the scorers label what comes next with this version anyway.
+            log.exception("sending %d relabelled soft labels failed", len(labels))
+            return
+        log.info(
+            "relabelled %d of the %d newest requests as %s in %.1fs",
+            len(labels), len(recent), intents, time.perf_counter() - started,
+        )  # fmt: skip
+        self.hooks.on_teacher_relabel(len(recent), len(labels))
 
     def _adopt(self, teacher: TeacherModel, stored: StoredTeacher) -> None:
         teacher.meta["store_version"] = stored.version

@@ -9,8 +9,10 @@ Rules:
   teacher (and teacher version) twice, a feedback id seen before (applied ids are
   remembered, bounded);
 * one soft label is kept per teacher id (a newer teacher version replaces its
-  predecessor), so several teachers' opinions can be fused; with ``min_teachers``
-  above 1 an example without a hard label waits for that many teachers;
+  predecessor), so several teachers' opinions can be fused; a trained example whose
+  teacher relabels it with another label set (it learnt new intents) is ready again;
+  with ``min_teachers`` above 1 an example without a hard label waits for that many
+  teachers;
 * a stable slice of request ids (``holdout_fraction``) is never trained on; their
   hard labels form the held-out set the promotion gate scores on;
 * the state is bounded by ``window`` requests; what falls out is counted.
@@ -68,6 +70,7 @@ class JoinStats:
     evicted: int = 0
     evicted_untrained: int = 0
     late_hard: int = 0
+    relabelled: int = 0
 
 
 @dataclass
@@ -122,6 +125,11 @@ class JoinState:
             return
         self.stats.soft_labels += 1
         slot.soft = slot.softs[ev.teacher_id] = ev
+        relabel = prev is not None and prev.label_set_version != ev.label_set_version
+        if relabel and slot.trained and not self.is_holdout(ev.request_id):
+            # A newer teacher version with other intents relabelled it: learn it again.
+            self.stats.relabelled += 1
+            slot.trained = False
         self._update(ev.request_id, slot)
 
     def add_hard(self, ev: HardLabel) -> bool:

@@ -181,6 +181,16 @@ class Learner:
         known = ex.teacher_labels
         return bool(known) and all(ex.hard not in soft.labels for soft in known)
 
+    def _overruled(self, ex: Example) -> bool:
+        """A hard label that every teacher knows but ranks below another intent."""
+        if ex.hard is None or ex.hard not in self._index:
+            return False
+        known = ex.teacher_labels
+        return bool(known) and all(
+            ex.hard in soft.labels and soft.labels[_argmax(soft.logits)] != ex.hard
+            for soft in known
+        )
+
     def teacher_choice(self, ex: Example) -> str | None:
         """The label the KD target of ``ex`` ranks first, among the student's labels."""
         if self.settings.strategy == "multi_teacher":
@@ -232,6 +242,13 @@ class Learner:
             # also carries the KD share (a new intent is learnt before teachers catch up).
             extra = hard_ce(logits[novel], targets[novel])
             loss = loss + alpha * self.settings.novel_label_weight * extra
+        w = self.settings.overruled_label_weight
+        overruled = [i for i, ex in enumerate(examples) if self._overruled(ex)] if w > 0 else []
+        if overruled and has_kd:
+            # The user confirmed an intent the teacher ranks lower: KD would teach the
+            # teacher's mistake at weight alpha, so the confirmed answer gets that much too.
+            extra = hard_ce(logits[overruled], targets[overruled])
+            loss = loss + alpha * w * extra
         att = self._attention_loss(out, batch, examples) if use_att else loss.detach() * 0.0
         loss = loss + self.settings.attention_weight * att
         self.optimizer.zero_grad(set_to_none=True)
@@ -284,3 +301,7 @@ class Learner:
         pred = self.predict_many(dialogues).argmax(axis=1)
         hits = sum(self.labels[int(p)] == y for p, y in zip(pred, intents, strict=True))
         return hits / len(intents)
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)

@@ -46,6 +46,7 @@ from stream_distill.trainer.labels import LabelGrowth
 from stream_distill.trainer.learner import Learner
 from stream_distill.trainer.offline import OfflineStore, round_batches
 from stream_distill.trainer.publish import Publisher
+from stream_distill.trainer.rehearsal import NewClassRehearsal
 from stream_distill.trainer.replay import make_replay
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class Trainer:
         )
         self.publisher = Publisher(registry, bus.topics, tokenizer_json, settings)
         self.growth = LabelGrowth(settings.label_growth_min_soft)
+        self.rehearsal = NewClassRehearsal(
+            settings.new_class_replay_share, settings.new_class_replay_steps
+        )
         self._round_requested = False
         self._round_open = False  # weights mid-round must not be checkpointed
         self.offsets: dict[TopicPartition, int] = {}
@@ -207,6 +211,7 @@ class Trainer:
 
     def _grow(self, new: list[str] | tuple[str, ...], source: str) -> None:
         if self.learner.add_labels(new):
+            self.rehearsal.added(new, self.learner.steps)
             log.info(
                 "new labels %s from %s: student now has %d labels",
                 list(new),
@@ -234,15 +239,19 @@ class Trainer:
     async def _step(self) -> None:
         new = self.join.take_ready(self._new_per_batch())
         starved = time.monotonic() - self._last_soft > self.settings.self_fallback_s
+        steps = self.learner.steps
+        self.rehearsal.observe(new, steps)
+        n_old, taken = self.settings.batch_size - len(new), {ex.request_id for ex in new}
+        boost = self.rehearsal.draw(n_old, steps, exclude=taken)
         old = self.replay.sample(
-            self.settings.batch_size - len(new), exclude={ex.request_id for ex in new}
+            n_old - len(boost), exclude=taken | {ex.request_id for ex in boost}
         )
         for ex in new:
             self.replay.add(ex)
         self.fresh_taken += len(new)
         if self.settings.strategy == "multi_teacher":
             self._observe_teachers(new)
-        await self._learn(new + old, starved)
+        await self._learn(new + boost + old, starved)
 
     def _idle_replay_allowed(self) -> bool:
         """A replay-only step fits the budget: ``idle_replay_factor`` per fresh example."""
@@ -254,7 +263,9 @@ class Trainer:
     async def _idle_step(self) -> None:
         """No fresh batch is ready: learn from the reservoir alone (more passes over what
         the stream brought, the way offline training makes epochs)."""
-        batch = self.replay.sample(self.settings.batch_size)
+        n = self.settings.batch_size
+        boost = self.rehearsal.draw(n, self.learner.steps)
+        batch = boost + self.replay.sample(n - len(boost), {ex.request_id for ex in boost})
         self.idle_replayed += len(batch)
         starved = time.monotonic() - self._last_soft > self.settings.self_fallback_s
         await self._learn(batch, starved, self._idle_executor())
