@@ -13,7 +13,8 @@ Writes JSON with:
   request; ``teacher_max_rps_p99_20ms``: the same for the torch teacher (MiniLM-L6)
   served through the same app as ``stream-distill teacher-serve`` serves it
   (``serve_worker.py --teacher``) in ``teacher_precision`` (``--teacher-precision``,
-  default bfloat16: how the scorer runs fastest on CPUs with AMX or AVX512-BF16), and
+  default auto, the scorer's default: bfloat16 for batches of 8 or more where the CPU has
+  AMX or AVX512-BF16, float32 for smaller ones), and
   ``student_teacher_ratio``;
 - ``swap_count``, ``swap_failed_requests``, ``p99_steady_ms``, ``p99_during_swaps_ms``:
   50 hot swaps back to back under 200 req/s;
@@ -291,9 +292,8 @@ def main() -> None:
     ap.add_argument(
         "--teacher-precision",
         choices=("auto", "float32", "bfloat16"),
-        default="bfloat16",
-        help="teacher.precision of the measured teacher (bfloat16: as the scorer runs best"
-        " on CPUs with AMX or AVX512-BF16)",
+        default="auto",
+        help="teacher.precision of the measured teacher (auto: the scorer's default)",
     )
     args = ap.parse_args()
     t0 = time.monotonic()

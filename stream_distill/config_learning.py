@@ -146,7 +146,8 @@ class TeacherSettings(Section):
         description=(
             "bfloat16: score under CPU autocast, ~2.5x faster where the CPU has AMX or"
             " AVX512-BF16 (logits move ~0.03), much slower where it has neither; auto:"
-            " bfloat16 exactly where the CPU has one of them."
+            " bfloat16 exactly where the CPU has one of them, for batches of 8 rows or more"
+            " (a lone request is faster in float32)."
         ),
     )
     sampling: Literal["all", "adaptive"] = Field(

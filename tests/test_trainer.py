@@ -433,11 +433,20 @@ async def test_idle_replay_learns_from_the_reservoir_within_its_budget(
 def test_precision_setting_resolves_and_bfloat16_steps_learn_like_float32(
     tmp_path: Path,
 ) -> None:
-    from stream_distill.models.precision import native_bfloat16, use_bfloat16
+    from stream_distill.models.precision import (
+        BF16_MIN_ROWS,
+        native_bfloat16,
+        use_bfloat16,
+        use_bfloat16_for,
+    )
     from stream_distill.trainer.join import Example
 
     assert use_bfloat16("bfloat16") and not use_bfloat16("float32")
     assert use_bfloat16("auto") == native_bfloat16()
+    # inference: auto keeps a small batch in float32; an explicit choice is kept as given
+    assert not use_bfloat16_for("auto", BF16_MIN_ROWS - 1)
+    assert use_bfloat16_for("auto", BF16_MIN_ROWS) == native_bfloat16()
+    assert use_bfloat16_for("bfloat16", 1) and not use_bfloat16_for("float32", 64)
     teacher = _teacher()
     rows = [e for e in labelled_examples(60, seed=3) if e.intent in LABELS][:16]
     batch = [Example(f"r{i}", e.turns, None, e.intent) for i, e in enumerate(rows)]

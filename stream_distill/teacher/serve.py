@@ -36,7 +36,7 @@ from stream_distill.errors import RegistryError
 from stream_distill.events import Turn
 from stream_distill.metrics.hooks import Hooks
 from stream_distill.metrics.prometheus import PrometheusHooks
-from stream_distill.models.precision import use_bfloat16
+from stream_distill.models.precision import use_bfloat16_for
 from stream_distill.registry.base import ModelVersion
 from stream_distill.serving.http import HttpServer, create_app
 from stream_distill.serving.service import ServingCore
@@ -69,7 +69,7 @@ class TeacherPredictor:
         self.sha256 = _weights_sha256(model)
 
     def predict(self, dialogues: Sequence[Sequence[Turn]]) -> npt.NDArray[np.float32]:
-        bf16 = use_bfloat16(self.precision)
+        bf16 = use_bfloat16_for(self.precision, len(dialogues))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = self.model.predict(dialogues, attention=False).logits
         probs: npt.NDArray[np.float32] = torch.from_numpy(logits).softmax(dim=-1).numpy()

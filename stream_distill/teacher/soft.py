@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from stream_distill.events import SoftLabel, Turn
-from stream_distill.models.precision import use_bfloat16
+from stream_distill.models.precision import use_bfloat16_for
 from stream_distill.teacher.model import TeacherModel, TeacherOutput
 
 
@@ -20,7 +20,8 @@ def predict(
 ) -> TeacherOutput:
     """``model.predict`` under the configured precision (call it in the worker thread:
     CPU autocast is per thread)."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bfloat16(precision)):
+    bf16 = use_bfloat16_for(precision, len(dialogues))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         return model.predict(dialogues, attention=attention)
 
 
