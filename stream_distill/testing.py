@@ -119,6 +119,25 @@ def make_bow_onnx(
     return bytes(model.SerializeToString())
 
 
+def with_external_data(model_bytes: bytes, location: str, initializer: str = "bias") -> bytes:
+    """``model_bytes`` with ``initializer`` read from ``location`` (ONNX external data): a
+    model that reaches for a file beside it, which a loader must never find."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load_from_string(model_bytes)
+    for init in model.graph.initializer:
+        if init.name == initializer:
+            n = int(np.prod(init.dims)) * 4
+            init.ClearField("raw_data")
+            init.ClearField("float_data")
+            init.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", "0"), ("length", str(n))):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
+    return bytes(model.SerializeToString())
+
+
 def publish_bow(
     registry: Registry,
     labels: Sequence[str],

@@ -121,11 +121,14 @@ def test_role_commands_parse_and_their_paths_are_mounted() -> None:
                     f"{name}: {path} is not on a volume"
                 )
 
-        # Non-root with a read-only image: only /tmp (SD_DATA_DIR lives there) is scratch.
+        # Non-root with a read-only image: /tmp and the cache volume (SD_DATA_DIR and HF_HOME
+        # live there) are the only scratch, both emptyDir.
         assert pod["securityContext"]["runAsNonRoot"] is True, name
         assert container["securityContext"]["readOnlyRootFilesystem"] is True, name
         assert "emptyDir" in volumes[mounts["/tmp"]["name"]], name
-        assert _config()["SD_DATA_DIR"].startswith("/tmp/")
+        for key in ("SD_DATA_DIR", "HF_HOME"):
+            where = [m for m in mounts if PurePosixPath(_config()[key]).is_relative_to(m)]
+            assert where and "emptyDir" in volumes[mounts[where[0]]["name"]], (name, key)
 
 
 def test_serve_is_ready_on_the_v2_route_and_outlives_its_drain(tmp_path: Path) -> None:

@@ -8,9 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto
 
 from stream_distill.config import ServeSettings
 from stream_distill.errors import IntegrityError, ModelRejected
@@ -19,7 +17,12 @@ from stream_distill.registry.sealed import SealedFile, sealing_available, sha256
 from stream_distill.registry.store import MODEL_FILE, Registry
 from stream_distill.serving import session as session_module
 from stream_distill.serving.session import CANNED_DIALOGUES, StudentSession
-from stream_distill.testing import make_bow_onnx, minilm_tokenizer_json, publish_bow
+from stream_distill.testing import (
+    make_bow_onnx,
+    minilm_tokenizer_json,
+    publish_bow,
+    with_external_data,
+)
 
 LABELS = ("order_status", "refund", "cancel_order", "greeting")
 sealed_only = pytest.mark.skipif(not sealing_available(), reason="needs memfd sealing (Linux)")
@@ -75,17 +78,7 @@ def test_empty_sealed_file_hashes_and_reads_as_empty() -> None:
 
 
 def _external(location: str) -> bytes:
-    model = onnx.load_from_string(make_bow_onnx(LABELS, seed=7))
-    for init in model.graph.initializer:
-        if init.name == "bias":
-            n = int(np.prod(init.dims)) * 4
-            init.ClearField("raw_data")
-            init.ClearField("float_data")
-            init.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", "0"), ("length", str(n))):
-                entry = init.external_data.add()
-                entry.key, entry.value = key, value
-    return bytes(model.SerializeToString())
+    return with_external_data(make_bow_onnx(LABELS, seed=7), location)
 
 
 @pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "private-file"])

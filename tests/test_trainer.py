@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,18 @@ LABELS = INTENTS[:6]
 def _teacher() -> TeacherModel:
     enc = TextEncoder(Tokenizer.from_str(default_tokenizer_json()), 32)
     return TeacherModel(tiny_classifier(LABELS, layers=2, hidden=32, heads=2, intermediate=64), enc)
+
+
+def _soft(teacher: TeacherModel, rid: str, logits: Sequence[float]) -> SoftLabel:
+    """The teacher's soft label for ``rid`` over its own labels."""
+    return SoftLabel(
+        request_id=rid,
+        teacher_id="t",
+        teacher_version=teacher.version,
+        labels=LABELS,
+        label_set_version=teacher.label_set_version,
+        logits=tuple(float(x) for x in logits),
+    )
 
 
 def _settings(tmp_path: Path, **kw: object) -> TrainerSettings:
@@ -70,14 +83,7 @@ async def _feed(bus: MemoryBus, teacher: TeacherModel, n: int, seed: int = 0) ->
                 model_version="v1",
                 latency_ms=1.0,
             )
-            soft = SoftLabel(
-                request_id=rid,
-                teacher_id="t",
-                teacher_version=teacher.version,
-                labels=LABELS,
-                label_set_version=teacher.label_set_version,
-                logits=tuple(float(x) for x in logits),
-            )
+            soft = _soft(teacher, rid, logits)
             # a wrong confirmation may name an intent outside LABELS: keep the label space fixed
             label = ex.confirmed_intent if ex.confirmed_intent in LABELS else ex.intent
             hard = HardLabel(feedback_id=f"f{rid}", request_id=rid, intent=label)
@@ -503,14 +509,7 @@ def test_a_hard_label_no_teacher_knows_is_learnt_at_full_weight(tmp_path: Path) 
     new = "promo_signup"
     batch = []
     for i, (e, row) in enumerate(zip(rows, logits, strict=True)):
-        soft = SoftLabel(
-            request_id=f"r{i}",
-            teacher_id="t",
-            teacher_version=teacher.version,
-            labels=LABELS,  # the teacher does not know the new intent
-            label_set_version=teacher.label_set_version,
-            logits=tuple(float(x) for x in row),
-        )
+        soft = _soft(teacher, f"r{i}", row)  # the teacher does not know the new intent
         batch.append(Example(f"r{i}", e.turns, soft, new if i % 2 == 0 else e.intent))
     p_new = {}
     for weight in (0.0, 1.0):
@@ -544,7 +543,7 @@ async def test_new_intents_are_rehearsed_in_the_training_batches(tmp_path: Path)
     async def capture(batch: list[Example], *args: object) -> None:
         batches.append([ex.request_id for ex in batch])
 
-    trainer._learn = capture  # type: ignore[method-assign]
+    trainer._learn = capture  # type: ignore[method-assign,assignment]
 
     def labelled(rid: str, intent: str) -> None:
         trainer.join.add_request(
@@ -583,14 +582,7 @@ def test_a_confirmed_answer_the_teacher_ranks_lower_can_outweigh_it(tmp_path: Pa
     logits = teacher.predict([e.turns for e in rows], attention=False).logits
     batch = []
     for i, (e, row) in enumerate(zip(rows, logits, strict=True)):
-        soft = SoftLabel(
-            request_id=f"r{i}",
-            teacher_id="t",
-            teacher_version=teacher.version,
-            labels=LABELS,
-            label_set_version=teacher.label_set_version,
-            logits=tuple(float(x) for x in row),
-        )
+        soft = _soft(teacher, f"r{i}", row)
         # users confirmed, on every other turn, an intent the teacher does not rank first
         top = LABELS[int(np.argmax(row))]
         hard = next(x for x in LABELS if x != top) if i % 2 == 0 else None

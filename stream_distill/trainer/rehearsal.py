@@ -34,7 +34,8 @@ class NewClassRehearsal:
         self.window_steps = window_steps
         self.capacity = capacity
         self._added: dict[str, int] = {}  # intent -> the step it was added at
-        self._pool: OrderedDict[str, Example] = OrderedDict()
+        # request id -> (its class when kept, the example): the class is worked out once
+        self._pool: OrderedDict[str, tuple[str, Example]] = OrderedDict()
         self._rng = random.Random(seed)
         self.drawn = 0
 
@@ -52,8 +53,9 @@ class NewClassRehearsal:
         if not active or self.share <= 0:
             return
         for ex in examples:
-            if class_of(ex) in active:
-                self._pool[ex.request_id] = ex
+            cls = class_of(ex)
+            if cls in active:
+                self._pool[ex.request_id] = (cls, ex)
                 self._pool.move_to_end(ex.request_id)
             else:
                 self._pool.pop(ex.request_id, None)  # relabelled away from a new intent
@@ -73,9 +75,7 @@ class NewClassRehearsal:
         if not active:
             self._pool.clear()
             return []
-        pool = [
-            ex for rid, ex in self._pool.items() if rid not in exclude and class_of(ex) in active
-        ]
+        pool = [ex for rid, (cls, ex) in self._pool.items() if cls in active and rid not in exclude]
         picked = self._rng.sample(pool, min(k, len(pool)))
         self.drawn += len(picked)
         return picked

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, numpy_helper
+from onnx import numpy_helper
 
 from stream_distill.bus.kafka import KafkaBus
 from stream_distill.registry.store import ModelVersion, Registry
@@ -22,6 +22,7 @@ from stream_distill.testing import (
     minilm_tokenizer_json,
     publish_bow,
     serve_for_test,
+    with_external_data,
 )
 
 LABELS = ("order_status", "refund", "cancel_order", "greeting")
@@ -30,17 +31,7 @@ OUTSIDE = "outside.bin"  # valid weights for the bias, beside (not inside) the r
 
 def _external(location: str, initializer: str = "bias") -> bytes:
     """A bow model with one initializer read from ``location`` (ONNX external data)."""
-    model = onnx.load_from_string(make_bow_onnx(LABELS, seed=7))
-    for init in model.graph.initializer:
-        if init.name == initializer:
-            n = int(np.prod(init.dims)) * 4
-            init.ClearField("raw_data")
-            init.ClearField("float_data")
-            init.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", "0"), ("length", str(n))):
-                entry = init.external_data.add()
-                entry.key, entry.value = key, value
-    return bytes(model.SerializeToString())
+    return with_external_data(make_bow_onnx(LABELS, seed=7), location, initializer)
 
 
 def _nan() -> bytes:
