@@ -120,6 +120,14 @@ class ServeSettings(Section):
         default="all", description="onnxruntime graph optimisation level."
     )
     batch_max_size: int = Field(default=8, ge=1, description="Requests batched together at most.")
+    batch_workers: int = Field(
+        default=2,
+        ge=1,
+        description=(
+            "Threads that run batches side by side (each with intra_op_threads onnxruntime "
+            "threads); about one per core the model may use."
+        ),
+    )
     batch_max_wait_us: int = Field(
         default=0,
         ge=0,

@@ -77,6 +77,13 @@ class TeacherSettings(Section):
         default=100, ge=1, description="Optimizer steps per teacher update (fresh + replayed)."
     )
     update_batch_size: int = Field(default=16, ge=1, description="Examples per update step.")
+    imprint_new_intents: bool = Field(
+        default=True,
+        description=(
+            "Start a new intent's classifier row from the mean features of its examples "
+            "(weight imprinting) instead of noise."
+        ),
+    )
     update_lr: float = Field(default=1e-4, gt=0, description="AdamW learning rate of updates.")
     update_replay_fraction: float = Field(
         default=0.75,
@@ -302,6 +309,15 @@ class TrainerSettings(Section):
         gt=0,
         description="online: use the EMA teacher after this long without soft labels.",
     )
+    imprint_new_labels: bool = Field(
+        default=False,
+        description=(
+            "A label added to the student starts its classifier row from the mean features of"
+            " the newest examples confirmed as it or scored as it by a teacher (imprinting;"
+            " off: in the drift benchmark it did not speed up the student, whose rows are soon"
+            " driven by the teacher's soft labels)."
+        ),
+    )
     novel_label_weight: float = Field(
         default=1.0,
         ge=0,
@@ -381,6 +397,18 @@ class TrainerSettings(Section):
     )
     new_class_replay_steps: int = Field(
         default=2000, ge=1, description="Optimizer steps an added intent is rehearsed for."
+    )
+    new_class_publish_every_s: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "For new_class_publish_steps after the student adds an intent, offer a candidate"
+            " this often (when shorter than publish_every_s): the serving version cannot"
+            " answer the new intent at all, so each version that learnt more is worth more."
+        ),
+    )
+    new_class_publish_steps: int = Field(
+        default=500, ge=0, description="Optimizer steps the faster publishing lasts (0: off)."
     )
     idle_replay_factor: float = Field(
         default=4.0,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import threading
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -36,9 +38,32 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+_ID_BYTES = 16
+_IDS_PER_READ = 256
+_id_lock = threading.Lock()
+_id_pool: list[bytes] = []
+
+
+def _forget_ids() -> None:
+    _id_pool.clear()  # a forked child must never hand out its parent's ids
+
+
+os.register_at_fork(after_in_child=_forget_ids)
+
+
 def new_id() -> str:
-    """A fresh random identifier (hex UUID4)."""
-    return uuid.uuid4().hex
+    """A fresh random identifier (hex UUID4 from the OS's secure random source).
+
+    The random bytes are read for 256 ids at a time: one ``getrandom`` call per id
+    costs little CPU, but it releases the GIL, and on a busy server getting it back
+    can take far longer than the call.
+    """
+    with _id_lock:
+        if not _id_pool:
+            raw = os.urandom(_ID_BYTES * _IDS_PER_READ)
+            _id_pool.extend(raw[i : i + _ID_BYTES] for i in range(0, len(raw), _ID_BYTES))
+        b = _id_pool.pop()
+    return uuid.UUID(bytes=b, version=4).hex
 
 
 def label_set_version(labels: Sequence[str]) -> str:

@@ -218,21 +218,85 @@ def test_session_options_follow_settings(
 
 async def test_shutdown_answers_running_and_queued_requests(registry: Registry) -> None:
     publish_bow(registry, LABELS, seed=3)
-    settings = ServeSettings(batch_max_size=1, deadline_policy="late_ok")
+    settings = ServeSettings(batch_max_size=1, batch_workers=2, deadline_policy="late_ok")
     core = ServingCore(registry, settings, poll_interval_s=60)
     await core.start()
     assert await core.wait_ready(10)
     assert core.session is not None
     instrument(core.session, 0.3)
-    running = asyncio.create_task(core.classify(dialogues(["hi"])[0]))
-    await eventually(lambda: core.batcher.running)
+    running = [
+        asyncio.create_task(core.classify(d)) for d in dialogues(["hi", "where is my order"])
+    ]
+    await eventually(lambda: len(core.batcher._running) == 2)  # one batch on each worker
     queued = asyncio.create_task(core.classify(dialogues(["refund"])[0]))
     await eventually(lambda: core.batcher.queued == 1)
     t0 = time.perf_counter()
     await core.aclose()
-    out = await asyncio.gather(running, queued, return_exceptions=True)
-    assert [type(o) for o in out] == [NotReady, NotReady]
-    assert time.perf_counter() - t0 < 0.25  # neither waited for the model to finish
+    out = await asyncio.gather(*running, queued, return_exceptions=True)
+    assert [type(o) for o in out] == [NotReady, NotReady, NotReady]
+    assert time.perf_counter() - t0 < 0.25  # none waited for the model to finish
+
+
+async def test_workers_run_batches_side_by_side(registry: Registry) -> None:
+    """With two workers a second batch starts while the first runs, each on its thread."""
+    publish_bow(registry, LABELS, seed=3)
+    spans: list[tuple[float, float, str]] = []
+    settings = ServeSettings(batch_max_size=2, batch_workers=2, deadline_ms=10_000)
+    core = ServingCore(registry, settings, poll_interval_s=60)
+    await core.start()
+    try:
+        assert await core.wait_ready(10)
+        session = core.session
+        assert session is not None
+        real = session.predict
+
+        def predict(batch: Sequence[Sequence[Turn]]) -> FloatArray:
+            t0 = time.perf_counter()
+            time.sleep(0.2)
+            out = real(batch)
+            spans.append((t0, time.perf_counter(), threading.current_thread().name))
+            return out
+
+        session.predict = predict  # type: ignore[method-assign]
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(core.classify(d) for d in dialogues(TEXTS[:4])))
+        took = time.perf_counter() - t0
+    finally:
+        await core.aclose()
+    assert [r.intent for r in results] == [
+        LABELS[int(np.argmax(real(d)))] for d in (dialogues([t]) for t in TEXTS[:4])
+    ]
+    assert {name for *_, name in spans} == {"sd-batch_0", "sd-batch_1"}
+    (_, first_end, _), (second_start, _, _) = sorted(spans)[:2]
+    assert second_start < first_end  # the second batch began before the first one ended
+    assert took < 0.55  # four requests, batches of two, two at a time: about 0.2 s, not 0.4+
+
+
+def test_expected_wait_counts_the_workers() -> None:
+    from stream_distill.metrics.hooks import Hooks
+    from stream_distill.serving.batcher import Batcher
+
+    now = [10.0]
+
+    def batcher(workers: int) -> Batcher:
+        settings = ServeSettings(batch_max_size=4, batch_workers=workers)
+        b = Batcher(lambda: None, settings, Hooks(), lambda: now[0])
+        b.service_s = 0.1
+        return b
+
+    one, two = batcher(1), batcher(2)
+    assert one.expected_wait_s() == pytest.approx(0.1)  # idle: its own batch only
+    one._running[1] = (9.96, [])  # a batch 40 ms in
+    assert one.expected_wait_s() == pytest.approx(0.06 + 0.1)
+    two._running[1] = (9.96, [])
+    assert two.expected_wait_s() == pytest.approx(0.1)  # the other worker is free
+    two._running[2] = (9.98, [])
+    assert two.expected_wait_s() == pytest.approx(0.06 + 0.1)  # the sooner one frees
+    for b in (one, two):
+        for _ in range(8):  # two full batches ahead
+            b._queue.put_nowait(None)  # type: ignore[arg-type]
+    assert one.expected_wait_s() == pytest.approx(0.06 + 3 * 0.1)
+    assert two.expected_wait_s() == pytest.approx(0.06 + 2 * 0.1)  # side by side
 
 
 def test_rows_of_similar_length_share_a_run() -> None:

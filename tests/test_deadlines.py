@@ -57,7 +57,7 @@ def outcomes(hooks: RecordingHooks) -> list[str]:
 
 async def test_hopeless_request_is_refused_at_once_with_retry_after(registry: Registry) -> None:
     hooks = RecordingHooks()
-    async with serve_for_test(registry, hooks=hooks) as (serve, client):
+    async with serve_for_test(registry, hooks=hooks, batch_workers=1) as (serve, client):
         assert await serve.core.wait_ready(10)
         slow_down(serve.core.session, 0.3)
         # one request teaches the service-time estimate that a batch takes ~300 ms
@@ -88,10 +88,9 @@ async def test_a_request_still_waiting_at_its_deadline_gets_503_then(registry: R
 
 
 async def test_full_queue_sheds_with_429_and_counts_it(registry: Registry) -> None:
-    async with serve_for_test(registry, queue_max=2, batch_max_size=1, deadline_ms=5000) as (
-        serve,
-        client,
-    ):
+    async with serve_for_test(
+        registry, queue_max=2, batch_max_size=1, batch_workers=1, deadline_ms=5000
+    ) as (serve, client):
         assert await serve.core.wait_ready(10)
         slow_down(serve.core.session, 0.2)
         first = asyncio.create_task(timed_post(client, {"text": "1"}))
@@ -109,7 +108,9 @@ async def test_full_queue_sheds_with_429_and_counts_it(registry: Registry) -> No
 
 async def test_late_ok_answers_late_and_counts_the_miss(registry: Registry) -> None:
     hooks = RecordingHooks()
-    async with serve_for_test(registry, hooks=hooks, deadline_policy="late_ok") as (serve, c):
+    async with serve_for_test(
+        registry, hooks=hooks, deadline_policy="late_ok", batch_workers=1
+    ) as (serve, c):
         assert await serve.core.wait_ready(10)
         slow_down(serve.core.session, 0.2)
         took, status, _ = await timed_post(c, {"text": "x", "deadline_ms": 50})
@@ -138,7 +139,7 @@ class ManualClock:
 async def test_batch_formation_refuses_a_request_whose_budget_ran_out(registry: Registry) -> None:
     clock = ManualClock()
     hooks = RecordingHooks()
-    settings = ServeSettings(deadline_ms=150, batch_max_size=1)
+    settings = ServeSettings(deadline_ms=150, batch_max_size=1, batch_workers=1)
     core = ServingCore(registry, settings, hooks, poll_interval_s=60, clock=clock)
     await core.start()
     try:

@@ -236,6 +236,7 @@ async def test_soft_labels_with_a_new_label_reach_serve(
 ) -> None:
     """Teacher list with PROMO → student grows → published version lists PROMO → serve
     loads it and answers PROMO."""
+    torch.manual_seed(0)  # the grown rows start from torch's global generator: pin it
     bus = MemoryBus(Topics("e."))
     await bus.ensure_topics()
     teacher = TeacherModel.load(tiny_teacher_dir)
@@ -250,11 +251,16 @@ async def test_soft_labels_with_a_new_label_reach_serve(
 
     def grown_and_published() -> bool:
         latest = registry.latest()
+        if latest is None:
+            return False
+        mv = registry.load(latest)
         return (
-            latest is not None
-            and PROMO in registry.load(latest).labels
+            PROMO in mv.labels
             and trainer.join.stats.soft_labels == 24 + 144
             and trainer.join.ready_count == 0
+            # and trained about as far as idle replay goes (4 replayed per fresh example:
+            # 84 steps), however slow the machine: the bars below assume that much
+            and int(mv.manifest.get("metrics", {}).get("steps", 0)) >= 80
         )
 
     await _run_until(trainer, grown_and_published, timeout_s=90)
@@ -271,7 +277,9 @@ async def test_soft_labels_with_a_new_label_reach_serve(
     false_hits = float((rest.argmax(axis=1) == len(grown) - 1).mean())
     assert hits >= len(promo) // 5, f"{hits}/{len(promo)}"
     assert probs[:, -1].mean() > 3 * rest[:, -1].mean()
-    assert false_hits < 0.2
+    # other intents taken for PROMO: 0.09-0.22 over torch seeds 0-5 (chance: 1 in 7); a
+    # student that had learnt "PROMO for anything new" would be far above
+    assert false_hits < 0.3
 
     async with serve_for_test(registry, top_k=len(grown)) as (_, client):
         text = promo[0].turns[-1].text

@@ -75,19 +75,18 @@ async def test_busy_arrivals_keep_the_loop_free() -> None:
     now = [0.0]
     batcher = batcher_module.Batcher(lambda: None, ServeSettings(), Hooks(), lambda: now[0])
     batcher.service_s = 0.002  # a 2 ms model
-    lone = [object()]
     for _ in range(20):  # 200 req/s: busy 40 % of the time
         now[0] += 0.005
         batcher._arrival(now[0])
-    assert batcher._inline(lone)  # type: ignore[arg-type]
+    assert batcher._inline_ok()
     for _ in range(40):  # 500 req/s: busy 100 % of the time
         now[0] += 0.002
         batcher._arrival(now[0])
-    assert not batcher._inline(lone)  # type: ignore[arg-type]
+    assert not batcher._inline_ok()
     batcher.service_s = 0.02  # a slow model never runs on the loop
     now[0] += 10.0
     batcher._arrival(now[0])
-    assert not batcher._inline(lone)  # type: ignore[arg-type]
+    assert not batcher._inline_ok()
 
 
 async def test_swapped_out_sessions_are_freed(registry: Registry) -> None:

@@ -23,6 +23,7 @@ from stream_distill.data.synthetic import INTENTS, PROMO_INTENTS, labelled_examp
 from stream_distill.errors import IntegrityError
 from stream_distill.events import HardLabel, RequestEvent, SoftLabel, TeacherPublished, Turn
 from stream_distill.models.factory import default_tokenizer_json, tiny_classifier
+from stream_distill.models.imprint import classifier_inputs
 from stream_distill.models.text import TextEncoder
 from stream_distill.teacher.bootstrap import bootstrap_teacher
 from stream_distill.teacher.finetune import finetune, validate
@@ -199,6 +200,36 @@ def test_tuning_learns_a_new_intent_and_validation_rejects_a_worse_teacher(base_
     assert validate(current, fewer, holdout, margin=1.0, min_holdout=1).reason.startswith(
         "labels dropped"
     )
+
+
+def test_an_update_starts_a_new_intents_row_from_its_examples(base_dir: Path) -> None:
+    """With imprinting the new row is its two examples' mean features (scaled), and an update
+    that barely moves the weights keeps it; without, the row starts from noise."""
+    torch.set_num_threads(1)
+    current = TeacherModel.load(base_dir)
+    stream = _labelled(300, seed=8)
+    fresh = [ex for ex in stream if ex.intent == NEW][:2]
+    replay = [ex for ex in stream if ex.intent != NEW][:50]
+    head = current.model.classifier
+    assert isinstance(head, torch.nn.Linear)
+    norm = head.weight.detach().norm(dim=1).mean()
+    features = classifier_inputs(current.model, current.encoder, [ex.turns for ex in fresh])
+    mean = features.mean(dim=0)
+    want = mean / mean.norm() * norm
+
+    def new_row(imprint: bool) -> torch.Tensor:
+        settings = TeacherSettings(update_steps=1, update_lr=1e-12, imprint_new_intents=imprint)
+        tuned = finetune(current, fresh, replay, settings, new_labels=[NEW])
+        assert tuned.labels == (*LABELS, NEW)
+        assert tuned.metrics["tune_imprinted"] == (1.0 if imprint else 0.0)
+        grown = tuned.model.classifier
+        assert isinstance(grown, torch.nn.Linear)
+        assert torch.allclose(grown.weight[: len(LABELS)], head.weight, atol=1e-6)
+        return grown.weight.detach()[len(LABELS)]
+
+    assert torch.allclose(new_row(True), want, atol=1e-4)
+    noise = new_row(False)
+    assert noise.norm() < 0.5 * want.norm()  # small random weights, nothing like the examples
 
 
 # -- the store and the swapper -----------------------------------------------------------------

@@ -163,6 +163,11 @@ def _head(model: PreTrainedModel) -> tuple[torch.nn.Module, str, torch.nn.Linear
     raise TypeError(f"no linear classifier head found on {type(model).__name__}")
 
 
+def head_of(model: PreTrainedModel) -> torch.nn.Linear:
+    """The projection that holds one row per label."""
+    return _head(model)[2]
+
+
 def extend_head(model: PreTrainedModel, new_labels: Sequence[str]) -> PreTrainedModel:
     """Grow the classifier to ``new_labels`` in place; rows of labels it already knew are kept.
 

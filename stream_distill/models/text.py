@@ -69,22 +69,23 @@ class TextEncoder:
         return self._tok.to_str()
 
     def _encode_one(self, current: str, context: str) -> Encoding:
-        budget = self.max_length
-        enc: Encoding = self._tok.encode(current, context or None)
-        if len(enc.ids) <= budget:
-            return enc
-        cur = self._tok.encode(current, add_special_tokens=False)
-        ctx = self._tok.encode(context, add_special_tokens=False) if context else None
-        # [CLS] cur [SEP] ctx [SEP]: the current turn keeps its head, the context its tail.
-        specials = 3 if ctx else 2
-        keep_cur = min(len(cur.ids), budget - specials)
-        keep_ctx = budget - specials - keep_cur
-        cur_text = _span(current, cur, 0, keep_cur)
-        ctx_text = _span(context, ctx, len(ctx.ids) - keep_ctx, len(ctx.ids)) if ctx else ""
-        enc = self._tok.encode(cur_text, ctx_text or None)
-        if len(enc.ids) > budget:  # offsets can round up a word; clip the ids directly
-            enc.truncate(budget)
-        return enc
+        # Each part once, without special tokens; cut to the budget at token level (the
+        # current turn keeps its head, the context its tail); then [CLS] cur [SEP] ctx [SEP].
+        tok = self._tok
+        cur = tok.encode(current, add_special_tokens=False)
+        ctx = tok.encode(context, add_special_tokens=False) if context else None
+        n_ctx = len(ctx.ids) if ctx is not None else 0
+        specials = 3 if n_ctx else 2
+        if len(cur.ids) + n_ctx + specials > self.max_length:
+            keep_cur = min(len(cur.ids), self.max_length - specials)
+            keep_ctx = self.max_length - specials - keep_cur
+            if ctx is not None and keep_ctx > 0:
+                ctx.truncate(keep_ctx, direction="left")
+            else:  # no room for any context: the current turn alone
+                ctx = None
+                keep_cur = min(len(cur.ids), self.max_length - 2)
+            cur.truncate(keep_cur)
+        return tok.post_process(cur, ctx if ctx is not None and ctx.ids else None)
 
     def encode(self, dialogues: Sequence[Sequence[Turn]]) -> Batch:
         encs = [self._encode_one(*split_dialogue(d)) for d in dialogues]
@@ -102,11 +103,3 @@ class TextEncoder:
 
     def encode_texts(self, texts: Sequence[str]) -> Batch:
         return self.encode([[Turn(role="user", text=t)] for t in texts])
-
-
-def _span(text: str, enc: Encoding, start: int, stop: int) -> str:
-    """The characters of tokens [start, stop) of ``enc``."""
-    if stop <= start:
-        return ""
-    offsets = enc.offsets
-    return text[offsets[start][0] : offsets[stop - 1][1]]

@@ -2,14 +2,16 @@
 
 One task per :class:`~stream_distill.serving.service.ServingCore` takes requests from a
 bounded queue, up to ``batch_max_size`` of them or until ``batch_max_wait_us`` has
-passed since the first, and hands the batch to a single worker thread that tokenises
-and runs it, so the event loop stays free to take the next requests. While a batch
-runs, the next one queues up, so under load batches grow on their own even with no
-wait at all. The one exception: a lone request on an idle, fast model (batches under
-:data:`INLINE_MAX_S`) at light load (the model busy at most :data:`INLINE_MAX_LOAD` of
-the time between arrivals) runs on the event loop, since the two thread hops would cost
-it more than anyone waits meanwhile. Under heavier load the loop must stay free to read
-the next requests while the model runs, or batches never form: those go to the worker.
+passed since the first, and hands the batch to an idle one of ``batch_workers`` worker
+threads that tokenises and runs it, so the event loop stays free to take the next
+requests and, with two workers, two batches run on two cores side by side (onnxruntime
+releases the GIL while it runs). While every worker is busy, the next batch queues up,
+so under load batches grow on their own even with no wait at all. The one exception: a
+lone request on an idle, fast model (batches under :data:`INLINE_MAX_S`) at light load
+(the model busy at most :data:`INLINE_MAX_LOAD` of the time between arrivals) runs on
+the event loop, since the two thread hops would cost it more than anyone waits
+meanwhile. Under heavier load the loop must stay free to read the next requests while
+the model runs, or batches never form: those go to the workers.
 
 Each batch reads the current session once, after it is formed: every answer in it
 names that one version, and a request that arrived after a swap is never answered by
@@ -20,8 +22,9 @@ request is refused with :class:`DeadlineExceeded` as soon as it is clear it cann
 answered in time: on arrival (the work queued ahead of it plus its own batch exceeds
 what is left), when its batch forms (less left than a batch takes), and at the
 deadline itself if it is still waiting. Service time is an EWMA of recent batch
-latencies. A request arriving at an idle model always runs, however slow recent
-batches were, so the estimate keeps learning instead of locking every request out.
+latencies, and the expected wait counts the workers. A request arriving at an idle model
+always runs, however slow recent batches were, so the estimate keeps learning instead of
+locking every request out.
 With ``late_ok`` every admitted request is answered, late if need be. A full queue
 refuses with :class:`Overloaded` under either policy.
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import queue
 import threading
@@ -91,9 +95,15 @@ class Batcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(settings.queue_max)
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._worker: _Worker | None = None
-        self._running_since: float | None = None
+        self.workers = settings.batch_workers
+        self._pool: list[_Worker] = []
+        self._idle: list[_Worker] = []
+        self._worker_free = asyncio.Event()
+        self._running: dict[int, tuple[float, list[_Pending]]] = {}
+        """Batches on a worker now: start time and requests, by batch number."""
+        self._batches = 0
         self._inflight: list[_Pending] = []
+        """The batch being formed (or run inline): aclose() fails what it holds."""
         self.service_s = 0.0
         """EWMA of batch latency in seconds (0 until the first batch ran)."""
         self.gap_s = math.inf
@@ -105,9 +115,10 @@ class Batcher:
         """Start the batch task (idempotent; needs a running event loop)."""
         if self._task is not None and not self._task.done():
             return
-        # A thread of its own: model loads and other to_thread work never delay a batch.
-        if self._worker is None:
-            self._worker = _Worker("sd-batch_0")
+        # Threads of their own: model loads and other to_thread work never delay a batch.
+        if not self._pool:
+            self._pool = [_Worker(f"sd-batch_{i}") for i in range(self.workers)]
+            self._idle = list(self._pool)
         self._task = asyncio.create_task(self._loop(), name="sd-batcher")
 
     async def aclose(self) -> None:
@@ -117,19 +128,21 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         # Nobody else would ever answer these: the task that held them is gone.
-        waiting = [*self._inflight, *(self._queue.get_nowait() for _ in range(self.queued))]
-        for p in waiting:
+        running = [p for _, batch in self._running.values() for p in batch]
+        queued = (self._queue.get_nowait() for _ in range(self.queued))
+        for p in [*self._inflight, *running, *queued]:
             _fail(p, NotReady("serve is shutting down"))
         self._inflight = []
-        if self._worker is not None:
-            self._worker.close()
-            self._worker = None
+        self._running.clear()
+        for worker in self._pool:
+            worker.close()
+        self._pool, self._idle = [], []
 
     # -- state -------------------------------------------------------------------------
     @property
     def running(self) -> bool:
         """A batch is on the model now."""
-        return self._running_since is not None
+        return bool(self._running)
 
     @property
     def queued(self) -> int:
@@ -140,15 +153,18 @@ class Batcher:
     def expected_wait_s(self) -> float:
         """Seconds until a request queued now would have its answer (the estimate)."""
         ahead = self._queue.qsize() // self.max_size  # full batches before this one's
-        busy = self._running_since
-        left = 0.0 if busy is None else max(0.0, self.service_s - (self._clock() - busy))
-        return left + (ahead + 1) * self.service_s
+        left = 0.0  # until a worker is free
+        if len(self._running) >= self.workers:
+            first = min(start for start, _ in self._running.values())
+            left = max(0.0, self.service_s - (self._clock() - first))
+        rounds = ahead // self.workers + 1  # the workers take the batches ahead side by side
+        return left + rounds * self.service_s
 
     async def run(self, dialogue: Sequence[Turn], deadline: float) -> Answer:
         """Queue ``dialogue`` and wait for its answer, within ``deadline`` (clock seconds)."""
         self.start()
         self._arrival(self._clock())
-        idle = self._running_since is None and self._queue.empty()
+        idle = not self._running and self._queue.empty()
         if self.reject_late and not idle:
             expected = self.expected_wait_s()
             if deadline - self._clock() < expected:
@@ -190,10 +206,11 @@ class Batcher:
                 else (EWMA_ALPHA * gap + (1 - EWMA_ALPHA) * self.gap_s)
             )
 
-    def _inline(self, batch: list[_Pending]) -> bool:
-        """Run on the loop: one request, nothing queued, a fast model, light load."""
+    def _inline_ok(self) -> bool:
+        """A lone request may run on the loop: nothing queued or running, a fast model,
+        light load."""
         return (
-            len(batch) == 1
+            not self._running
             and self._queue.empty()
             and 0 < self.service_s <= INLINE_MAX_S
             and self.service_s <= INLINE_MAX_LOAD * self.gap_s
@@ -209,7 +226,11 @@ class Batcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            while not self._idle:  # every worker busy: the queue fills the next batch
+                self._worker_free.clear()
+                await self._worker_free.wait()
             batch = self._admit(await self._collect())
+            self._inflight = []
             if not batch:
                 continue
             session = self._current()
@@ -218,26 +239,49 @@ class Batcher:
                     _fail(p, NotReady("no model loaded"))
                 continue
             t0 = self._clock()
-            self._running_since = t0
-            self._inflight = batch
-            dialogues = [p.dialogue for p in batch]
-            try:
-                if self._inline(batch):
-                    rows = _predict(session, dialogues)  # nobody waits: skip the thread hops
-                else:
-                    assert self._worker is not None  # started with the task
-                    rows = await self._worker.run(loop, session, dialogues)
-            except Exception as exc:  # the worker itself is gone; the task must live on
-                rows = [exc] * len(batch)
-            finally:
-                # _inflight stays set on cancellation, for aclose() to answer.
-                self._running_since = None
-            self._inflight = []
-            self._observe(self._clock() - t0)
-            self.hooks.on_batch(len(batch))
-            _settle(batch, rows, session)
+            if len(batch) == 1 and self._inline_ok():  # nobody waits: skip the thread hops
+                self._inflight = batch
+                rows = _predict(session, [p.dialogue for p in batch])
+                self._inflight = []
+                self._finish(batch, rows, session, self._clock() - t0)
+            else:
+                worker = self._idle.pop()
+                self._batches += 1
+                number = self._batches
+                self._running[number] = (t0, batch)
+                future = worker.run(loop, session, [p.dialogue for p in batch])
+                future.add_done_callback(functools.partial(self._ran, number, worker, session, t0))
             # Idle until the next batch: holding on would keep a swapped-out model alive.
-            del session, batch, rows, dialogues
+            del session, batch
+
+    def _ran(
+        self,
+        number: int,
+        worker: _Worker,
+        session: Predictor,
+        t0: float,
+        future: asyncio.Future[Rows],
+    ) -> None:
+        """A worker's batch is done (or failed): answer it, free the worker."""
+        entry = self._running.pop(number, None)
+        if worker in self._pool:  # not closed meanwhile
+            self._idle.append(worker)
+            self._worker_free.set()
+        if entry is None:  # aclose() answered it already
+            return
+        batch = entry[1]
+        if future.cancelled():
+            rows: Rows = [NotReady("serve is shutting down")] * len(batch)
+        elif (exc := future.exception()) is not None:
+            rows = [exc if isinstance(exc, Exception) else RuntimeError(str(exc))] * len(batch)
+        else:
+            rows = future.result()
+        self._finish(batch, rows, session, self._clock() - t0)
+
+    def _finish(self, batch: list[_Pending], rows: Rows, session: Predictor, took_s: float) -> None:
+        self._observe(took_s)
+        self.hooks.on_batch(len(batch))
+        _settle(batch, rows, session)
 
     def _observe(self, took_s: float) -> None:
         first = self.service_s == 0.0

@@ -300,6 +300,9 @@ class StudentSession:
     def _run(self, batch: Batch) -> FloatArray:
         """Probabilities for an encoded batch (see :meth:`predict`)."""
         feed = batch.as_feed()
+        if len(batch.input_ids) == 1:  # one row, already as long as it is: run it as is
+            (logits,) = self._session.run([self._output], {k: feed[k] for k in self._inputs})
+            return softmax(logits)
         lengths = feed["attention_mask"].sum(axis=1)
         parts = []
         for rows in length_runs(lengths):

@@ -1,7 +1,9 @@
 """One incremental teacher update: tune a copy on hard labels, then judge it on held-out ones.
 
 The copy's classifier grows a row per new intent (old rows are kept, so old
-predictions do not move until training moves them). Each step mixes *fresh*
+predictions do not move until training moves them); a new row starts from the mean
+features of its examples (:mod:`stream_distill.models.imprint`), so one or two labels
+are enough to tell the intent apart. Each step mixes *fresh*
 examples (labels since the last update, and every example of a new intent) with
 *replayed* older ones, and a distillation term keeps the copy's distribution over
 the old intents close to the current teacher's (learning without forgetting).
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from stream_distill.config import TeacherSettings
 from stream_distill.models.factory import extend_head
+from stream_distill.models.imprint import imprint
 from stream_distill.models.precision import autocast, use_bfloat16
 from stream_distill.significance import significantly_worse
 from stream_distill.teacher.labelled import Labelled
@@ -88,8 +91,14 @@ def finetune(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = copy.deepcopy(current.model)
+        imprinted: list[str] = []
         if new_labels:
             extend_head(model, labels)
+            if settings.imprint_new_intents:
+                by_label = {
+                    label: [ex.turns for ex in new if ex.intent == label] for label in new_labels
+                }
+                imprinted = imprint(model, current.encoder, by_label, n_old)
         embeddings = getattr(model.base_model, "embeddings", None)
         words = getattr(embeddings, "word_embeddings", None)
         if isinstance(words, torch.nn.Module):
@@ -108,14 +117,16 @@ def finetune(
             with autocast(bf16):
                 logits = model(**feed).logits.float()
             loss = F.cross_entropy(logits, targets)
-            if settings.update_distill_weight > 0:
+            known = targets < n_old  # rows of intents the current teacher knows
+            if settings.update_distill_weight > 0 and bool(known.any()):
                 with torch.no_grad(), autocast(bf16):
-                    old = current.model(**feed).logits.float()
+                    old = current.model(**feed).logits.float()[known]
                 t = DISTILL_TEMPERATURE
+                # Over every label, the new ones with probability 0: an old intent's example
+                # keeps its distribution, and a new intent may not take its mass.
+                target = F.pad(F.softmax(old / t, dim=-1), (0, len(labels) - n_old))
                 kd = F.kl_div(
-                    F.log_softmax(logits[:, :n_old] / t, dim=-1),
-                    F.softmax(old / t, dim=-1),
-                    reduction="batchmean",
+                    F.log_softmax(logits[known] / t, dim=-1), target, reduction="batchmean"
                 )
                 loss = loss + settings.update_distill_weight * kd * t * t
             loss.backward()  # type: ignore[no-untyped-call]
@@ -137,6 +148,7 @@ def finetune(
             "tune_new": float(len(new)),
             "tune_fresh": float(len(fresh)),
             "tune_replay": float(len(replay)),
+            "tune_imprinted": float(len(imprinted)),
         }
     )
     return tuned

@@ -195,6 +195,25 @@ class JoinState:
                     break
         return out
 
+    def examples_of(self, intents: set[str], n: int, scan: int = 5000) -> dict[str, list[Example]]:
+        """Up to ``n`` of the newest trained-side examples per intent of ``intents``: by the
+        confirmed intent, else by the latest soft label's top intent. Held-out ids never
+        appear (they judge candidates); at most ``scan`` newest requests are looked at."""
+        out: dict[str, list[Example]] = {}
+        for looked, rid in enumerate(reversed(self._pending)):
+            if looked >= scan:
+                break
+            slot = self._pending[rid]
+            if slot.request is None or self.is_holdout(rid):
+                continue
+            intent = slot.hard.intent if slot.hard is not None else _top(slot.soft)
+            if intent not in intents or len(out.get(intent, ())) >= n:
+                continue
+            hard = slot.hard.intent if slot.hard is not None else None
+            example = Example(rid, slot.request.turns, slot.soft, hard, _softs(slot))
+            out.setdefault(intent, []).append(example)
+        return out
+
     # -- checkpoint -----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         def dump(e: RequestEvent | HardLabel | None) -> Any:
@@ -242,6 +261,12 @@ class JoinState:
         for turns, y in data["holdout"]:
             self.holdout.append((tuple(Turn.model_validate(t) for t in turns), y))
         self.stats = JoinStats(**data["stats"])
+
+
+def _top(soft: SoftLabel | None) -> str | None:
+    if soft is None:
+        return None
+    return soft.labels[max(range(len(soft.logits)), key=soft.logits.__getitem__)]
 
 
 def _softs(slot: _Pending) -> tuple[SoftLabel, ...]:

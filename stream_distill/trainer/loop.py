@@ -31,6 +31,7 @@ from stream_distill.config import TrainerSettings
 from stream_distill.errors import PoisonRecord
 from stream_distill.events import HardLabel, RequestEvent, SoftLabel
 from stream_distill.metrics.hooks import Hooks
+from stream_distill.models.imprint import imprint
 from stream_distill.registry.base import ModelStore
 from stream_distill.threads import low_priority_executor
 from stream_distill.trainer.checkpoint import (
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 EMA_PREFIX = "ema::"
 LAG_EVERY_S = 5.0
+IMPRINT_EXAMPLES = 16
+"""Newest examples per added label whose features start its classifier row."""
 SOFT_STRATEGIES = ("online", "offline", "multi_teacher")  # the ones that join soft labels
 
 
@@ -97,6 +100,7 @@ class Trainer:
         self.rehearsal = NewClassRehearsal(
             settings.new_class_replay_share, settings.new_class_replay_steps
         )
+        self._grown_at_step = -(10**12)  # the step the student last added an intent at
         self._round_requested = False
         self._round_open = False  # weights mid-round must not be checkpointed
         self.offsets: dict[TopicPartition, int] = {}
@@ -194,24 +198,40 @@ class Trainer:
                     self._last_soft = time.monotonic()
                     if self.settings.strategy not in SOFT_STRATEGIES:
                         event = None
+                grow: tuple[list[str] | tuple[str, ...], str] | None = None
                 if isinstance(event, HardLabel) and event.intent not in self.learner.labels:
                     # A new intent (a promotion started): grow the student's label space.
-                    self._grow([event.intent], "hard label")
+                    grow = [event.intent], "hard label"
                 elif isinstance(event, SoftLabel):
                     new = self.growth.new_labels(event, self.learner.labels)
                     if new:
-                        self._grow(new, f"teacher label set {event.label_set_version}")
+                        grow = new, f"teacher label set {event.label_set_version}"
                 if event is not None:
                     add(event)
+                if grow is not None:  # after the join holds the event: it may be an example
+                    self._grow(*grow)
             except PoisonRecord as exc:
                 await dead_letter(producer, self.topics.dead_letters, rec, str(exc))
                 self.hooks.on_dead_letter(rec.topic, "poison")
                 self.stats.dead_letters += 1
             self.offsets[rec.tp] = rec.offset + 1
 
+    def _publish_interval_s(self) -> float:
+        """``publish_every_s``, or shorter right after the student added an intent."""
+        s = self.settings
+        if self.learner.steps - self._grown_at_step < s.new_class_publish_steps:
+            return min(s.publish_every_s, s.new_class_publish_every_s)
+        return s.publish_every_s
+
     def _grow(self, new: list[str] | tuple[str, ...], source: str) -> None:
+        old = len(self.learner.labels)
         if self.learner.add_labels(new):
+            self._grown_at_step = self.learner.steps
             self.rehearsal.added(new, self.learner.steps)
+            if self.settings.imprint_new_labels:
+                examples = self.join.examples_of(set(new), IMPRINT_EXAMPLES)
+                by_label = {k: [ex.turns for ex in v] for k, v in examples.items()}
+                imprint(self.learner.model, self.learner.encoder, by_label, old)
             log.info(
                 "new labels %s from %s: student now has %d labels",
                 list(new),
@@ -414,7 +434,7 @@ class Trainer:
                 due_steps = (
                     self.learner.steps - steps_at_publish >= self.settings.publish_every_steps
                 )
-                due_time = time.monotonic() - last_publish >= self.settings.publish_every_s
+                due_time = time.monotonic() - last_publish >= self._publish_interval_s()
                 if self.learner.steps > steps_at_publish and (due_steps or due_time):
                     await self.publish_now(producer)
                     await self.checkpoint()
