@@ -20,7 +20,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stream_distill.config_base import Section
-from stream_distill.config_learning import TeacherSettings, TrainerSettings
+from stream_distill.config_learning import TrainerSettings
+from stream_distill.config_teacher import TeacherSettings
 
 __all__ = [
     "BrokerSettings",

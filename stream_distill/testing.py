@@ -23,7 +23,9 @@ from stream_distill.registry.store import ModelVersion, Registry
 if TYPE_CHECKING:
     import httpx
 
+    from stream_distill.events import SoftLabel
     from stream_distill.serving.runner import RunningServe
+    from stream_distill.teacher.model import TeacherModel
 
 # --- tiny ONNX students -------------------------------------------------------------------
 
@@ -161,6 +163,22 @@ def publish_bow(
 
 
 # --- serving helpers ----------------------------------------------------------------------
+
+
+def teacher_soft(
+    teacher: TeacherModel, rid: str, logits: Sequence[float], labels: Sequence[str] | None = None
+) -> SoftLabel:
+    """``teacher``'s soft label for request ``rid`` (over ``labels``: its own by default)."""
+    from stream_distill.events import SoftLabel
+
+    return SoftLabel(
+        request_id=rid,
+        teacher_id="t",
+        teacher_version=teacher.version,
+        labels=tuple(labels if labels is not None else teacher.labels),
+        label_set_version=teacher.label_set_version,
+        logits=tuple(float(x) for x in logits),
+    )
 
 
 async def eventually(

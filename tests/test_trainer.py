@@ -23,7 +23,7 @@ from stream_distill.models.factory import default_tokenizer_json, tiny_classifie
 from stream_distill.models.text import TextEncoder
 from stream_distill.registry.store import Registry
 from stream_distill.teacher.model import TeacherModel
-from stream_distill.testing import RecordingHooks
+from stream_distill.testing import RecordingHooks, teacher_soft
 from stream_distill.trainer.build import learner_from_teacher
 from stream_distill.trainer.join import Example
 from stream_distill.trainer.loop import Trainer
@@ -41,14 +41,7 @@ def _teacher() -> TeacherModel:
 
 def _soft(teacher: TeacherModel, rid: str, logits: Sequence[float]) -> SoftLabel:
     """The teacher's soft label for ``rid`` over its own labels."""
-    return SoftLabel(
-        request_id=rid,
-        teacher_id="t",
-        teacher_version=teacher.version,
-        labels=LABELS,
-        label_set_version=teacher.label_set_version,
-        logits=tuple(float(x) for x in logits),
-    )
+    return teacher_soft(teacher, rid, logits, LABELS)
 
 
 def _settings(tmp_path: Path, **kw: object) -> TrainerSettings:

@@ -21,14 +21,19 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from stream_distill.bus.base import TopicPartition
 
+if TYPE_CHECKING:
+    from stream_distill.trainer.learner import Learner
+
 LATEST = "LATEST"
+EMA_PREFIX = "ema::"
+"""Keys of the EMA of the weights in ``Snapshot.model_state`` (beside the weights')."""
 
 
 @dataclass
@@ -153,3 +158,24 @@ class CheckpointStore:
             optim_state=load_file(folder / "optim.safetensors"),
             state=json.loads((folder / "state.json").read_text()),
         )
+
+
+def learner_tensors(learner: Learner) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Copies of the learner's weights (and their EMA, if built) and optimizer tensors."""
+    model_state = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
+    if learner.ema is not None:
+        for k, v in learner.ema.state_dict().items():
+            model_state[EMA_PREFIX + k] = v.detach().clone()
+    params = list(learner.model.parameters())
+    return model_state, optimizer_tensors(learner.optimizer, params)
+
+
+def load_learner_tensors(learner: Learner, snap: Snapshot) -> None:
+    """Put :func:`learner_tensors` of ``snap`` back (the label list already grown to it)."""
+    state = snap.model_state
+    learner.model.load_state_dict({k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)})
+    ema = {k[len(EMA_PREFIX) :]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
+    if ema:
+        learner._ema_model().load_state_dict(ema)
+    params = list(learner.model.parameters())
+    load_optimizer_tensors(learner.optimizer, params, snap.optim_state)

@@ -39,8 +39,8 @@ from stream_distill.trainer.checkpoint import (
     Snapshot,
     decode_offsets,
     encode_offsets,
-    load_optimizer_tensors,
-    optimizer_tensors,
+    learner_tensors,
+    load_learner_tensors,
 )
 from stream_distill.trainer.join import Example, JoinState
 from stream_distill.trainer.labels import LabelGrowth
@@ -52,7 +52,6 @@ from stream_distill.trainer.replay import make_replay
 
 log = logging.getLogger(__name__)
 
-EMA_PREFIX = "ema::"
 LAG_EVERY_S = 5.0
 IMPRINT_EXAMPLES = 16
 """Newest examples per added label whose features start its classifier row."""
@@ -127,15 +126,7 @@ class Trainer:
         if labels[: len(self.learner.labels)] != self.learner.labels:
             raise RuntimeError("checkpoint label list does not extend the student's")
         self.learner.add_labels(labels[len(self.learner.labels) :])  # grown before the crash
-        weights = {k: v for k, v in snap.model_state.items() if not k.startswith(EMA_PREFIX)}
-        ema = {
-            k[len(EMA_PREFIX) :]: v for k, v in snap.model_state.items() if k.startswith(EMA_PREFIX)
-        }
-        self.learner.model.load_state_dict(weights)
-        if ema:
-            self.learner._ema_model().load_state_dict(ema)
-        params = list(self.learner.model.parameters())
-        load_optimizer_tensors(self.learner.optimizer, params, snap.optim_state)
+        load_learner_tensors(self.learner, snap)
         self.learner.steps = st["steps"]
         self.learner.examples_seen = st["examples_seen"]
         self.join.load_json(st["join"])
@@ -165,14 +156,10 @@ class Trainer:
         return new_steps >= self.settings.checkpoint_every_steps or (new_steps > 0 and late)
 
     def _snapshot(self) -> Snapshot:
-        params = list(self.learner.model.parameters())
-        model_state = {k: v.detach().clone() for k, v in self.learner.model.state_dict().items()}
-        if self.learner.ema is not None:
-            for k, v in self.learner.ema.state_dict().items():
-                model_state[EMA_PREFIX + k] = v.detach().clone()
+        model_state, optim_state = learner_tensors(self.learner)
         return Snapshot(
             model_state=model_state,
-            optim_state=optimizer_tensors(self.learner.optimizer, params),
+            optim_state=optim_state,
             state={
                 "labels": list(self.learner.labels),
                 "steps": self.learner.steps,

@@ -26,13 +26,13 @@ from stream_distill.bus.memory import MemoryBus
 from stream_distill.config import KafkaSettings, ModelSettings, TrainerSettings
 from stream_distill.data.synthetic import INTENTS, labelled_examples
 from stream_distill.errors import IntegrityError
-from stream_distill.events import HardLabel, RequestEvent, SoftLabel
+from stream_distill.events import HardLabel, RequestEvent
 from stream_distill.models.factory import default_tokenizer_json, tiny_classifier
 from stream_distill.models.text import TextEncoder
 from stream_distill.registry.base import MODEL_FILE
 from stream_distill.registry.store import Registry
 from stream_distill.teacher.model import TeacherModel
-from stream_distill.testing import eventually, publish_bow, serve_for_test
+from stream_distill.testing import eventually, publish_bow, serve_for_test, teacher_soft
 from stream_distill.trainer.build import learner_from_teacher
 from stream_distill.trainer.loop import Trainer
 
@@ -310,14 +310,7 @@ async def test_trainer_restores_a_real_checkpoint_without_unpickling(
                 model_version="v1",
                 latency_ms=1.0,
             )
-            soft = SoftLabel(
-                request_id=rid,
-                teacher_id="t",
-                teacher_version=teacher.version,
-                labels=TRAIN_LABELS,
-                label_set_version=teacher.label_set_version,
-                logits=tuple(float(x) for x in logits),
-            )
+            soft = teacher_soft(teacher, rid, logits, TRAIN_LABELS)
             await p.send(bus.topics.requests, encode(req), key=rid.encode())
             await p.send(bus.topics.soft_labels, encode(soft), key=rid.encode())
     registry = Registry(tmp_path / "reg")
