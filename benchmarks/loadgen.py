@@ -9,6 +9,8 @@ with ``clock_nanosleep`` precision and 1 us timer slack (asyncio timers round up
 whole milliseconds) and spins the last 50 us, then writes pre-built requests on idle keep-alive
 connections, and a receiver that waits on all sockets with epoll and stamps each
 response as its bytes arrive. How late each request left is reported (send lag).
+Bodies go out in file order from ``--start`` (wrapping around), so that successive runs
+against one server can send bodies it has not seen yet.
 Bounded in time (``--duration``) and count (``--max-requests``); SIGTERM ends the
 sending early. Times are ``time.monotonic()``, comparable across processes.
 
@@ -64,8 +66,11 @@ class Conn:
 
 
 class LoadGen:
-    def __init__(self, url: str, bodies: list[bytes], path: str = "/v1/classify") -> None:
+    def __init__(
+        self, url: str, bodies: list[bytes], path: str = "/v1/classify", start: int = 0
+    ) -> None:
         parts = urlsplit(url)
+        self.first_body = start
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
         head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
@@ -111,7 +116,7 @@ class LoadGen:
             self.due[i] = due
             conn.waiting.append(i)
             try:
-                conn.sock.sendall(self.requests[i % len(self.requests)])
+                conn.sock.sendall(self.requests[(self.first_body + i) % len(self.requests)])
             except OSError:
                 conn.dead = True  # the receiver marks what it still waited for as failed
             self.sent_at[i] = time.monotonic()
@@ -240,13 +245,14 @@ def main() -> None:
     ap.add_argument("--rate", type=float, required=True, help="requests per second")
     ap.add_argument("--duration", type=float, required=True, help="seconds of sending, at most")
     ap.add_argument("--max-requests", type=int, default=1_000_000)
+    ap.add_argument("--start", type=int, default=0, help="index of the first body sent")
     ap.add_argument("--connections", type=int, default=16, help="opened up front")
     ap.add_argument("--drain", type=float, default=5.0, help="seconds to wait for late answers")
     ap.add_argument("--samples", type=Path, help="write the per-request samples (.npy)")
     args = ap.parse_args()
     sys.setswitchinterval(1e-4)  # two threads: hand the GIL over quickly
     bodies = [line.encode() for line in args.bodies.read_text().splitlines() if line.strip()]
-    gen = LoadGen(args.url, bodies)
+    gen = LoadGen(args.url, bodies, start=args.start)
     signal.signal(signal.SIGTERM, lambda *_: gen.stop.set())
     gen.run(args.rate, args.duration, args.max_requests, args.connections, args.drain)
     samples = gen.samples()

@@ -44,6 +44,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from stream_distill.bus.memory import MemoryBus, MemoryProducer
 from stream_distill.config import ServeSettings, Settings
 from stream_distill.data.synthetic import labelled_examples
+from stream_distill.heap import freeze_startup
 from stream_distill.registry.store import Registry
 from stream_distill.serving.http import run
 from stream_distill.serving.runner import run_serve
@@ -211,6 +212,7 @@ async def main_async(args: argparse.Namespace) -> None:
         ) as t:
             from stream_distill.models.precision import use_bfloat16
 
+            freeze_startup()  # as the teacher-serve role does once it is up
             hello = {
                 "url": t.url,
                 "version": t.core.version,
@@ -227,6 +229,7 @@ async def main_async(args: argparse.Namespace) -> None:
         core = serve.core
         if not await core.wait_ready(60):
             raise SystemExit("no model loaded")
+        freeze_startup()  # as the serve role does once it is up
         print(json.dumps({"url": serve.url, "version": core.version}), flush=True)
         await commands(core, registry.list_versions())
 

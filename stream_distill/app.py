@@ -67,6 +67,7 @@ def broker_if_needed(settings: Settings) -> Iterator[Settings]:
 # -- serve -----------------------------------------------------------------------------------
 async def run_serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``): then stop taking requests and drain."""
+    from stream_distill.heap import freeze_startup
     from stream_distill.registry import open_registry
     from stream_distill.serving.runner import run_serve as serve
 
@@ -74,6 +75,7 @@ async def run_serve(settings: Settings, stop: asyncio.Event | None = None) -> No
     await bus.ensure_topics()
     stop = stop or stop_on_signals()
     async with serve(open_registry(settings.registry), settings.serve, bus) as running:
+        freeze_startup()
         log.info("serve listening on %s", running.url)
         await stop.wait()
         # Drain: load balancers see "not ready" at once while requests in flight (and

@@ -6,11 +6,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from stream_distill.bus.broker import EmbeddedBroker
+from stream_distill.models.factory import default_tokenizer_json
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +49,12 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model_factory=lambda labels: tiny_classifier(labels, layers=2, hidden=64, heads=4),
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    """The default (BERT) tokenizer, without padding or truncation."""
+    tok = Tokenizer.from_str(default_tokenizer_json())
+    tok.no_padding()
+    tok.no_truncation()
+    return tok

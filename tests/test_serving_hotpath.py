@@ -130,3 +130,47 @@ async def test_loads_run_on_a_lower_priority_thread() -> None:
     name, nice = await in_background(where)
     assert name.startswith("sd-load")
     assert nice >= min(19, os.getpriority(os.PRIO_PROCESS, 0) + session_module.LOAD_NICE)
+
+
+async def test_a_lone_request_skips_the_queue_and_a_burst_still_batches() -> None:
+    """With no batch wait, a lone request runs in its own task (no queue, no batch task);
+    requests that turn up while it yields once are batched, it among them."""
+    import numpy as np
+
+    from stream_distill.config import ServeSettings
+
+    calls: list[tuple[int, str]] = []
+
+    class Model:
+        labels = LABELS
+        version = "v1"
+        sha256 = "0" * 64
+
+        def predict(self, dialogues: Sequence[Sequence[Turn]]) -> FloatArray:
+            calls.append((len(dialogues), threading.current_thread().name))
+            return np.full((len(dialogues), len(LABELS)), 0.25, dtype=np.float32)
+
+    hooks = RecordingHooks()
+    batcher = batcher_module.Batcher(
+        lambda: Model(), ServeSettings(batch_max_size=8), hooks, asyncio.get_running_loop().time
+    )
+    batcher.service_s = 0.0005  # a fast model at light load: lone requests run inline
+    queued = []
+    real_put = batcher._queue.put_nowait
+    batcher._queue.put_nowait = lambda p: (queued.append(p), real_put(p))[1]  # type: ignore[method-assign]
+    try:
+        turns = [Turn(role="user", text="hi")]
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+            answer = await batcher.run(turns, asyncio.get_running_loop().time() + 1.0)
+            assert answer.probs.shape == (len(LABELS),)
+        assert not queued and calls == [(1, threading.main_thread().name)] * 3
+        calls.clear()
+        await asyncio.sleep(0.01)
+        burst = await asyncio.gather(
+            *(batcher.run(turns, asyncio.get_running_loop().time() + 1.0) for _ in range(5))
+        )
+        assert len(burst) == 5 and len(queued) == 5  # the first one joined the others
+        assert sum(n for n, _ in calls) == 5 and max(n for n, _ in calls) > 1
+    finally:
+        await batcher.aclose()

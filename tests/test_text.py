@@ -8,19 +8,12 @@ import uuid
 import pytest
 from tokenizers import Tokenizer
 
+from stream_distill.data.synthetic import labelled_examples
 from stream_distill.events import Turn, new_id
-from stream_distill.models.factory import default_tokenizer_json
+from stream_distill.models.pairs import learn_template, splits_at_whitespace
 from stream_distill.models.text import TextEncoder, split_dialogue
 
 BUDGET = 16
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    tok = Tokenizer.from_str(default_tokenizer_json())
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +82,71 @@ def test_ids_are_unique_uuid4_and_a_fork_does_not_repeat_them() -> None:
         child = pool.apply(new_id)
     mine = {new_id() for _ in range(300)}
     assert child not in mine and child not in ids
+
+
+ODD_TURNS = (
+    "Où est ma commande ?!",
+    "退款 please (order #A-17)",
+    "",
+    "   spaces   around   ",
+    "a|b||c | d",
+    "user: agent: [SEP] [CLS]",
+    "emoji 🙂 and tabs\tand\nnewlines",
+)
+
+
+def varied_dialogues() -> list[list[Turn]]:
+    out = [list(ex.turns) for ex in labelled_examples(300, seed=11)]
+    for i in range(len(ODD_TURNS)):  # odd texts in every position of a dialogue
+        texts = [ODD_TURNS[(i + k) % len(ODD_TURNS)] for k in range(6)] + ["why?"]
+        out.append(dialogue(*texts))
+    return out
+
+
+@pytest.mark.parametrize("budget", [8, 16, 48, 128])
+def test_turn_by_turn_ids_equal_the_joined_texts(tokenizer: Tokenizer, budget: int) -> None:
+    """Cached turn ids and the learnt template give exactly the tokenizer's own pair."""
+    fast = TextEncoder(tokenizer, max_length=budget)
+    assert fast.caches_turns
+    dialogues = varied_dialogues()
+    for _ in range(2):  # cold cache, then every turn from the cache
+        for turns in dialogues:
+            assert fast._encode_one(turns) == fast._encode_plain(turns), turns
+
+
+def test_the_turn_cache_is_bounded(tokenizer: Tokenizer) -> None:
+    enc = TextEncoder(tokenizer, max_length=48, cache_turns=50)
+    dialogues = varied_dialogues()
+    for turns in dialogues:
+        assert enc._encode_one(turns) == enc._encode_plain(turns)
+    assert len(enc._turns) == 50
+
+
+def byte_level_bpe() -> Tokenizer:
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"])
+    corpus = [t.text for ex in labelled_examples(200, seed=2) for t in ex.turns]
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 1), ("<s>", 0))
+    return tok
+
+
+def test_a_byte_level_tokenizer_encodes_the_joined_context() -> None:
+    """Spaces belong to the next token there: turn by turn would change the ids."""
+    tok = byte_level_bpe()
+    assert not splits_at_whitespace(tok)
+    template = learn_template(tok)
+    assert template is not None and template.pair_specials == 4  # <s> A </s></s> B </s>
+    enc = TextEncoder(tok, max_length=24)
+    assert not enc.caches_turns
+    for turns in varied_dialogues()[:100]:
+        ids, types = enc._encode_one(turns)
+        assert (ids, types) == enc._encode_plain(turns)
+        current, context = split_dialogue(turns)
+        want = tok.encode(current, context or None)
+        if len(want.ids) <= 24:  # short enough to need no cut: the tokenizer's own pair
+            assert ids == want.ids

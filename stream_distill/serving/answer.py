@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from stream_distill.events import TopIntent, new_id
+from stream_distill.events import new_id
 from stream_distill.serving.predictor import Predictor
+
+
+class Ranked(NamedTuple):
+    """One entry of an answer's top-k; an event carries it as a ``TopIntent``.
+
+    A plain tuple: building pydantic models for the top-k cost the answer several
+    microseconds before it could leave; the event is built after it left.
+    """
+
+    intent: str
+    p: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,7 +28,7 @@ class ClassifyResult:
     request_id: str
     intent: str
     confidence: float
-    top: tuple[TopIntent, ...]
+    top: tuple[Ranked, ...]
     model_version: str
     latency_ms: float
     entropy: float
@@ -31,11 +43,11 @@ def summarise(
 ) -> ClassifyResult:
     """Top-k, entropy and margin of one probability row of ``session``."""
     # Plain floats: for a few dozen labels numpy's per-call cost exceeds the arithmetic.
-    p = [min(1.0, max(0.0, x)) for x in row.tolist()]
+    p: list[float] = row.tolist()
     order = sorted(range(len(p)), key=p.__getitem__, reverse=True)  # stable: ties keep order
     labels = session.labels
-    # p is clipped to [0, 1] and labels are strings: nothing left for validation to check
-    top = tuple(TopIntent.model_construct(intent=labels[i], p=p[i]) for i in order[: max(1, top_k)])
+    # p is clipped to [0, 1] where it is shown: rounding could leave a share a hair outside
+    top = tuple(Ranked(labels[i], min(1.0, max(0.0, p[i]))) for i in order[: max(1, top_k)])
     second = p[order[1]] if len(order) > 1 else 0.0
     entropy = max(0.0, -sum(x * math.log(x) for x in p if x > 0.0))
     return ClassifyResult(

@@ -10,7 +10,9 @@ so under load batches grow on their own even with no wait at all. The one except
 lone request on an idle, fast model (batches under :data:`INLINE_MAX_S`) at light load
 (the model busy at most :data:`INLINE_MAX_LOAD` of the time between arrivals) runs on
 the event loop, since the two thread hops would cost it more than anyone waits
-meanwhile. Under heavier load the loop must stay free to read the next requests while
+meanwhile; with no ``batch_max_wait_us`` it runs in the request's own task, without
+even the queue and the batch task's wake-up, once no other request turned up while it
+yielded to the loop once. Under heavier load the loop must stay free to read the next requests while
 the model runs, or batches never form: those go to the workers.
 
 Each batch reads the current session once, after it is formed: every answer in it
@@ -109,6 +111,8 @@ class Batcher:
         self.gap_s = math.inf
         """EWMA of the time between request arrivals in seconds."""
         self._last_arrival: float | None = None
+        self._deciding = False
+        """A lone request yields once before it runs inline (see :meth:`run`)."""
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -164,6 +168,16 @@ class Batcher:
         """Queue ``dialogue`` and wait for its answer, within ``deadline`` (clock seconds)."""
         self.start()
         self._arrival(self._clock())
+        if self.max_wait_s == 0 and self._inline_ok():
+            # Requests read in the same pass of the loop (a burst) enter run() once this
+            # task yields, see it deciding and queue up; then this one joins them.
+            self._deciding = True
+            try:
+                await asyncio.sleep(0)
+            finally:
+                self._deciding = False
+            if self._inline_ok():
+                return self._run_inline(dialogue)
         idle = not self._running and self._queue.empty()
         if self.reject_late and not idle:
             expected = self.expected_wait_s()
@@ -211,10 +225,28 @@ class Batcher:
         light load."""
         return (
             not self._running
+            and not self._deciding
             and self._queue.empty()
             and 0 < self.service_s <= INLINE_MAX_S
             and self.service_s <= INLINE_MAX_LOAD * self.gap_s
         )
+
+    def _run_inline(self, dialogue: Sequence[Turn]) -> Answer:
+        """Answer a lone request in its own task, on the loop: no queue, future or wake-up.
+
+        Nothing can happen meanwhile (no await), so no deadline check, timer or swap race:
+        the session read here answers it.
+        """
+        session = self._current()
+        if session is None:
+            raise NotReady("no model loaded")
+        t0 = self._clock()
+        (row,) = _predict(session, [dialogue])
+        self._observe(self._clock() - t0)
+        self.hooks.on_batch(1)
+        if isinstance(row, Exception):
+            raise row
+        return Answer(session, row)
 
     def _expire(self, pending: _Pending) -> None:
         _fail(

@@ -31,6 +31,7 @@ from stream_distill.bus.codec import encode, headers_for
 from stream_distill.config import ServeSettings
 from stream_distill.events import SoftLabel, TopIntent, Turn, label_set_version
 from stream_distill.metrics.hooks import Hooks
+from stream_distill.serving.answer import Ranked
 
 if TYPE_CHECKING:
     from stream_distill.serving.answer import ClassifyResult
@@ -157,7 +158,7 @@ class Cascade:
             student,
             intent=answer.intent,
             confidence=answer.confidence,
-            top=answer.top[: self.top_k],
+            top=tuple(Ranked(t.intent, t.p) for t in answer.top[: self.top_k]),
             model_version=f"teacher:{answer.model_version}",
             latency_ms=(now - started) * 1e3,
             deadline_missed=now > deadline,

@@ -259,6 +259,16 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
+def _protocol() -> type[asyncio.Protocol] | str:
+    """httptools (a dependency) parses in C, and each answer leaves in one write
+    (:mod:`.wire`); uvicorn's h11 protocol where httptools is missing."""
+    try:
+        from stream_distill.serving.wire import OneWriteProtocol
+    except ImportError:
+        return "auto"
+    return OneWriteProtocol
+
+
 class _EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -302,7 +312,7 @@ class HttpServer:
             log_level=self.log_level,
             access_log=False,
             proxy_headers=False,  # nothing reads the client address; the wrapper costs
-            http="auto",  # httptools (a dependency) parses in C; h11 where it is missing
+            http=_protocol(),
             timeout_graceful_shutdown=5,
         )
         self._server = _EmbeddedServer(config)

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+def refuse_length(headers: Iterable[tuple[bytes, bytes]], limit: int) -> tuple[int, str] | None:
+    """(status, reason) when the declared Content-Length is malformed or over ``limit``."""
+    for name, value in headers:
+        if name == b"content-length":
+            if not value.isdigit():
+                return 400, "bad Content-Length"
+            if int(value) > limit:
+                return too_large(limit)
+    return None
+
+
+def too_large(limit: int) -> tuple[int, str]:
+    return 413, f"body exceeds {limit} bytes"
 
 
 class BodyLimit:
@@ -23,14 +38,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if not value.isdigit():
-                    await _plain(send, 400, "bad Content-Length")
-                    return
-                if int(value) > self.max_bytes:
-                    await _plain(send, 413, f"body exceeds {self.max_bytes} bytes")
-                    return
+        refused = refuse_length(scope["headers"], self.max_bytes)
+        if refused is not None:
+            await _plain(send, *refused)
+            return
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -40,7 +51,7 @@ class BodyLimit:
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await _plain(send, 413, f"body exceeds {self.max_bytes} bytes")
+                await _plain(send, *too_large(self.max_bytes))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -62,7 +73,7 @@ Raw = tuple[int, bytes, Sequence[tuple[bytes, bytes]]]
 
 DirectHandler = Callable[[bytes], Awaitable[Raw]]
 
-_INTERNAL_ERROR = b"Internal Server Error"
+INTERNAL_ERROR = b"Internal Server Error"
 
 
 class DirectApp(FastAPI):
@@ -96,14 +107,10 @@ class DirectApp(FastAPI):
             await super().__call__(scope, receive, send)
             return
         limit = self.max_body_bytes
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if not value.isdigit():
-                    await _plain(send, 400, "bad Content-Length")
-                    return
-                if int(value) > limit:
-                    await _plain(send, 413, f"body exceeds {limit} bytes")
-                    return
+        refused = refuse_length(scope["headers"], limit)
+        if refused is not None:
+            await _plain(send, *refused)
+            return
         message = await receive()
         if message["type"] != "http.request":
             return  # the client went away
@@ -118,25 +125,25 @@ class DirectApp(FastAPI):
                 chunk: bytes = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
-                    await _plain(send, 413, f"body exceeds {limit} bytes")
+                    await _plain(send, *too_large(limit))
                     return
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     break
             body = b"".join(chunks)
         if len(body) > limit:
-            await _plain(send, 413, f"body exceeds {limit} bytes")
+            await _plain(send, *too_large(limit))
             return
         try:
             status, content, extra = await handler(body)
         except Exception:
-            await _send(send, 500, _INTERNAL_ERROR, _TEXT)
+            await _send(send, 500, INTERNAL_ERROR, TEXT)
             raise
-        await _send(send, status, content, _JSON, extra)
+        await _send(send, status, content, JSON, extra)
 
 
-_JSON = b"application/json"
-_TEXT = b"text/plain; charset=utf-8"
+JSON = b"application/json"
+TEXT = b"text/plain; charset=utf-8"
 
 
 async def _send(
@@ -158,8 +165,13 @@ def as_response(raw: Raw) -> Response:
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
+def detail_body(detail: str) -> bytes:
+    """The JSON body of a refusal: ``{"detail": ...}``."""
+    return bytes(JSONResponse({"detail": detail}).body)
+
+
 async def _plain(send: Send, status: int, detail: str) -> None:
-    body = JSONResponse({"detail": detail}).body
+    body = detail_body(detail)
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -20,7 +20,7 @@ import orjson
 
 from stream_distill.bus.base import Producer
 from stream_distill.bus.codec import KIND_HEADER, SCHEMA_HEADER
-from stream_distill.events import SCHEMA_VERSION, RequestEvent, Turn, utc_now
+from stream_distill.events import SCHEMA_VERSION, RequestEvent, TopIntent, Turn, utc_now
 from stream_distill.metrics.hooks import Hooks
 from stream_distill.serving.answer import ClassifyResult
 
@@ -89,7 +89,7 @@ class EventPublisher:
             conversation_id=a.conversation_id,
             turns=tuple(Turn(role=t.role, text=self.redactor(t.text)) for t in a.turns),
             served_intent=r.intent,
-            top=r.top,
+            top=tuple(TopIntent(intent=t.intent, p=t.p) for t in r.top),
             entropy=r.entropy,
             margin=r.margin,
             model_version=r.model_version,

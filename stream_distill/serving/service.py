@@ -336,15 +336,30 @@ class ServingCore:
             answered = await self.cascade.consult(
                 result, turns, cid, started=t0, deadline=t0 + budget / 1e3
             )
+        # The bookkeeping waits until the answer has left: the caller's task sends it
+        # without suspending, so the loop runs this right after, before any new input.
+        asyncio.get_running_loop().call_soon(
+            self._answered, result, answered, session, turns, conversation_id
+        )
+        return answered
+
+    def _answered(
+        self,
+        result: ClassifyResult,
+        answered: ClassifyResult,
+        session: Predictor,
+        turns: Sequence[Turn],
+        conversation_id: str | None,
+    ) -> None:
+        """Metrics, online accuracy, canary/shadow, known ids and the request event."""
         outcome = "deadline" if answered.deadline_missed else "ok"
         self.hooks.on_request(outcome, answered.latency_ms, session.version)
         self.online.remember(result.request_id, session.version, result.intent)
         self.rollout.answered(result.request_id, session, result.intent, turns)
         if self.on_answer is not None:
             self.on_answer(result.request_id, session.version, session.labels)
-        if self.events is not None:  # redaction and the event are built after the answer left
+        if self.events is not None:  # redaction and the event are built later still
             self.events.enqueue(result, turns, conversation_id or result.request_id)
-        return answered
 
 
 def _reason(exc: BaseException) -> str:

@@ -227,9 +227,10 @@ def length_runs(lengths: npt.NDArray[np.integer]) -> list[npt.NDArray[np.intp]]:
 def softmax(logits: npt.NDArray[np.floating]) -> FloatArray:
     """Row-wise softmax in float32, stable for large logits."""
     x: FloatArray = np.asarray(logits, dtype=np.float32)
-    x = x - x.max(axis=1, keepdims=True)
+    # the ufuncs' own reductions: ndarray.max and .sum add a Python layer to each call
+    x = x - np.maximum.reduce(x, axis=1, keepdims=True)
     np.exp(x, out=x)
-    x /= x.sum(axis=1, keepdims=True)
+    x /= np.add.reduce(x, axis=1, keepdims=True)
     return x
 
 

@@ -186,6 +186,7 @@ async def teacher_serve(
 ) -> None:
     """The ``teacher-serve`` role: load ``teacher``, serve until SIGTERM/SIGINT (or ``stop``)."""
     from stream_distill.app import stop_on_signals
+    from stream_distill.heap import freeze_startup
     from stream_distill.models.factory import set_threads
 
     stop = stop or stop_on_signals()
@@ -196,6 +197,7 @@ async def teacher_serve(
     serve = settings.serve.model_copy(update={"batch_max_size": settings.teacher.batch_size})
     precision = settings.teacher.precision
     async with run_teacher_serve(model, serve, precision=precision) as running:
+        freeze_startup()
         log.info(
             "teacher-serve listening on %s (teacher %s, %d labels, %s)",
             running.url,
