@@ -174,3 +174,60 @@ async def test_a_lone_request_skips_the_queue_and_a_burst_still_batches() -> Non
         assert sum(n for n, _ in calls) == 5 and max(n for n, _ in calls) > 1
     finally:
         await batcher.aclose()
+
+
+def test_a_dropped_session_is_freed_right_after_an_answer_left() -> None:
+    """Freeing holds the GIL: the dropper waits for an answer to leave, or QUIET_WAIT_S."""
+    import time
+
+    freed: list[float] = []
+
+    class Session:
+        def __del__(self) -> None:
+            freed.append(time.monotonic())
+
+    session_module._dropper()
+    for answered in (False, True):
+        freed.clear()
+        session_module._DROPS.put(Session())
+        t0 = time.monotonic()
+        time.sleep(0.01)
+        assert not freed  # waiting for its moment
+        if answered:
+            session_module.answer_left()
+        deadline = time.monotonic() + 5
+        while not freed and time.monotonic() < deadline:
+            time.sleep(0.001)
+        took = freed[0] - t0
+        if answered:
+            assert took < session_module.QUIET_WAIT_S
+        else:
+            assert took >= session_module.QUIET_WAIT_S * 0.9
+
+
+def test_the_heap_is_trimmed_only_once_it_has_grown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trimming interrupts the event loop's core and refaults pages: not on every load."""
+    trims: list[int] = []
+    resident = [200.0]
+
+    class Libc:
+        def malloc_trim(self, pad: int) -> int:
+            trims.append(pad)
+            resident[0] -= 20.0  # what it gave back
+            return 1
+
+    monkeypatch.setattr(session_module, "_libc", lambda: Libc())
+    monkeypatch.setattr(session_module, "_resident_mb", lambda: resident[0])
+    monkeypatch.setattr(session_module, "_settled_mb", [])
+    session_module.trim_heap()  # the first load trims: 180 MB is the settled size
+    assert len(trims) == 1
+    for resident[0] in (190.0, 205.0, 180.0 + session_module.TRIM_ABOVE_MB - 1):
+        session_module.trim_heap()  # loads come and go within the margin
+    assert len(trims) == 1
+    resident[0] = 180.0 + session_module.TRIM_ABOVE_MB
+    session_module.trim_heap()
+    assert len(trims) == 2
+
+
+def test_resident_memory_is_read() -> None:
+    assert 1.0 < session_module._resident_mb() < 1e6

@@ -48,7 +48,7 @@ from stream_distill.serving.online import OnlineAccuracy
 from stream_distill.serving.predictor import Predictor
 from stream_distill.serving.publisher import EventPublisher
 from stream_distill.serving.redact import Redactor, redact
-from stream_distill.serving.session import StudentSession, in_background
+from stream_distill.serving.session import StudentSession, answer_left, in_background
 from stream_distill.serving.versions import KeptVersions, Pin
 from stream_distill.serving.watcher import ModelWatcher, version_number
 
@@ -352,6 +352,7 @@ class ServingCore:
         conversation_id: str | None,
     ) -> None:
         """Metrics, online accuracy, canary/shadow, known ids and the request event."""
+        answer_left()
         outcome = "deadline" if answered.deadline_missed else "ok"
         self.hooks.on_request(outcome, answered.latency_ms, session.version)
         self.online.remember(result.request_id, session.version, result.intent)

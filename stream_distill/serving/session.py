@@ -117,27 +117,69 @@ def _libc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "malloc_trim") else None
 
 
-def trim_heap() -> None:
-    """Give the heap pages freed by swapped-out sessions back to the OS (glibc only).
+TRIM_ABOVE_MB = 32.0
+"""Resident growth over the process's settled size at which a load trims the heap first."""
 
-    A session's weights and buffers are freed on whichever thread drops the session
-    last, into that thread's malloc arena, where the pages stay resident otherwise.
+_settled_mb: list[float] = []
+"""Resident MB right after the first trim, raised by later ones (none yet: trim)."""
+
+
+def _resident_mb() -> float:
+    """This process's resident memory in MB (inf where procfs cannot say)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return math.inf
+
+
+def trim_heap() -> None:
+    """Give the heap pages freed by swapped-out sessions back to the OS (glibc only),
+    once resident memory has grown :data:`TRIM_ABOVE_MB` over its settled size.
+
+    A session's weights and buffers are freed into the malloc arena they came from,
+    where the next load mostly reuses them. Trimming returns the pages with ``madvise``,
+    which interrupts every core running one of this process's threads (the event loop's
+    included) and makes the next load fault fresh pages in: with a trim on every load,
+    p99 during back-to-back swaps was 1.5-1.8x steady, without 1.3-1.4x, and resident
+    memory stayed within 40 MB over 400 swaps either way. So it trims only on growth.
     """
     libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    if libc is None:
+        return
+    now = _resident_mb()
+    if _settled_mb and now < _settled_mb[0] + TRIM_ABOVE_MB:
+        return
+    libc.malloc_trim(0)
+    after = _resident_mb()
+    _settled_mb[:] = [max([after, *_settled_mb]) if math.isfinite(after) else -math.inf]
 
 
 _DROPS: queue.SimpleQueue[object] = queue.SimpleQueue()
 """onnxruntime sessions of dropped :class:`StudentSession` objects, to be freed."""
 
+_QUIET = threading.Event()
+QUIET_WAIT_S = 0.05
+"""How long a session waits to be freed for an answer to leave (then it is freed anyway)."""
+
+
+def answer_left() -> None:
+    """An answer just left: the dropper's moment (see :func:`_dropper`)."""
+    _QUIET.set()
+
 
 @functools.cache
 def _dropper() -> threading.Thread:
+    # Freeing a session holds the GIL for about 1.4 ms (the student, measured), so a
+    # request arriving meanwhile waits that long. Right after an answer left, the next
+    # request is most likely further away than that: the dropper waits for that moment
+    # (or QUIET_WAIT_S, under load that never pauses).
     def drop() -> None:
         lower_this_thread(LOAD_NICE)
         while True:
             session = _DROPS.get()
+            _QUIET.clear()
+            _QUIET.wait(QUIET_WAIT_S)
             del session  # the last reference: onnxruntime frees it here
 
     thread = threading.Thread(target=drop, name="sd-drop", daemon=True)
