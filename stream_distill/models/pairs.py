@@ -133,9 +133,16 @@ def _reproduces(tok: Tokenizer, template: PairTemplate) -> bool:
     return True
 
 
-def splits_at_whitespace(tok: Tokenizer) -> bool:
-    """Whether texts joined by whitespace encode to the concatenation of their ids."""
+def tokenizer_spec(tok: Tokenizer) -> dict[str, Any]:
+    """The tokenizer's JSON description (normalizer, pre-tokenizer, model, added tokens)."""
     spec: dict[str, Any] = json.loads(tok.to_str())
+    return spec
+
+
+def splits_at_whitespace(tok: Tokenizer, spec: dict[str, Any] | None = None) -> bool:
+    """Whether texts joined by whitespace encode to the concatenation of their ids
+    (``spec``: :func:`tokenizer_spec` of ``tok``, when the caller has it already)."""
+    spec = spec if spec is not None else tokenizer_spec(tok)
     if not _all_types(spec.get("normalizer"), _LOCAL_NORMALIZERS, "normalizers"):
         return False
     pre = spec.get("pre_tokenizer")

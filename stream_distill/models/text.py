@@ -25,7 +25,13 @@ import numpy.typing as npt
 from tokenizers import Tokenizer
 
 from stream_distill.events import Turn
-from stream_distill.models.pairs import Ids, PairTemplate, learn_template, splits_at_whitespace
+from stream_distill.models.pairs import (
+    Ids,
+    PairTemplate,
+    learn_template,
+    splits_at_whitespace,
+    tokenizer_spec,
+)
 from stream_distill.models.wordpiece import WordIds
 
 IntArray = npt.NDArray[np.int64]
@@ -77,11 +83,12 @@ class TextEncoder:
             tokenizer.no_truncation()
         self._pad_id = tokenizer.token_to_id("[PAD]") or 0
         self._template: PairTemplate | None = learn_template(tokenizer)
-        self._cache_turns = cache_turns if splits_at_whitespace(tokenizer) else 0
+        spec = tokenizer_spec(tokenizer)
+        self._cache_turns = cache_turns if splits_at_whitespace(tokenizer, spec) else 0
         self._turns: dict[str, Ids] = {}
         """Ids of recent turn texts, oldest first (dict order)."""
         self._roles: dict[str, Ids] = {}
-        self._words = WordIds.of(tokenizer) if cache_turns > 0 else None
+        self._words = WordIds.of(tokenizer, spec) if cache_turns > 0 else None
         self._separator = self._ids(CONTEXT_SEPARATOR)
 
     @classmethod

@@ -17,11 +17,12 @@ added token such as ``[SEP]``, which the tokenizer matches before splitting.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from tokenizers import Tokenizer
+
+from stream_distill.models.pairs import tokenizer_spec
 
 Ids = tuple[int, ...]
 
@@ -46,9 +47,10 @@ class WordIds:
         self._words: dict[str, Ids] = {}
 
     @classmethod
-    def of(cls, tokenizer: Tokenizer) -> WordIds | None:
-        """A word cache for ``tokenizer``, or None when it is not a plain BERT WordPiece one."""
-        spec: dict[str, Any] = json.loads(tokenizer.to_str())
+    def of(cls, tokenizer: Tokenizer, spec: dict[str, Any] | None = None) -> WordIds | None:
+        """A word cache for ``tokenizer``, or None when it is not a plain BERT WordPiece one
+        (``spec``: its :func:`~stream_distill.models.pairs.tokenizer_spec`, if at hand)."""
+        spec = spec if spec is not None else tokenizer_spec(tokenizer)
         norm = spec.get("normalizer") or {}
         pre = spec.get("pre_tokenizer") or {}
         model = spec.get("model") or {}

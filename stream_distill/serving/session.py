@@ -147,12 +147,13 @@ def trim_heap() -> None:
     libc = _libc()
     if libc is None:
         return
-    now = _resident_mb()
-    if _settled_mb and now < _settled_mb[0] + TRIM_ABOVE_MB:
+    settled = _settled_mb[0] if _settled_mb else None
+    if settled is not None and _resident_mb() < settled + TRIM_ABOVE_MB:
         return
     libc.malloc_trim(0)
     after = _resident_mb()
-    _settled_mb[:] = [max([after, *_settled_mb]) if math.isfinite(after) else -math.inf]
+    if math.isfinite(after):  # else no procfs: every load trims
+        _settled_mb[:] = [after if settled is None else max(after, settled)]
 
 
 _DROPS: queue.SimpleQueue[object] = queue.SimpleQueue()
